@@ -1,0 +1,172 @@
+"""Export a (noise-free, eval-mode) model to a single checked, simplified ONNX file, atomically."""
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from models import noise_disabled
+
+from .ort_runtime import float_initializer_count, ort_predict, ort_session
+
+INPUT_NAME = "image"
+OUTPUT_NAME = "logits"
+IMAGE_SHAPE = (3, 32, 32)
+
+
+class ExportParityError(RuntimeError):
+    def __init__(self, max_abs_diff: float, tol: float):
+        super().__init__(f"ONNX Runtime vs torch max |diff| = {max_abs_diff:.3e} exceeds tolerance {tol:.3e}")
+        self.max_abs_diff = max_abs_diff
+        self.tol = tol
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    path: str
+    opset: int
+    simplified: bool
+    nodes_before: int
+    nodes_after: int
+    parity_max_abs_diff: float  # torch (noise off) vs ORT on the saved file
+    params: int  # float elements in the ONNX initializers
+
+
+def _validated_metadata(metadata) -> dict[str, str]:
+    metadata = dict(metadata or {})
+    bad = {k: type(v).__name__ for k, v in metadata.items() if not (isinstance(k, str) and isinstance(v, str))}
+    if bad:
+        raise ValueError(f"ONNX metadata must map str to str; offending keys and value types: {bad}")
+    return metadata
+
+
+@contextlib.contextmanager
+def _export_mode(model: torch.nn.Module):
+    # Per-module flags, not model.training: callers may keep e.g. some BatchNorm layers deliberately frozen.
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with noise_disabled(model):
+            yield model
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _torch_export(model, example: torch.Tensor, f: str, *, opset: int, dynamo: bool) -> None:
+    common = dict(
+        input_names=[INPUT_NAME],
+        output_names=[OUTPUT_NAME],
+        opset_version=opset,
+        dynamo=dynamo,
+        external_data=False,  # one self-contained file, so the atomic os.replace covers everything
+        export_params=True,
+        keep_initializers_as_inputs=False,  # weights as inputs would block constant folding / BN fusion
+        verbose=False,
+    )
+    if dynamo:
+        torch.onnx.export(
+            model, (example,), f, **common,
+            dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+            dynamic_axes=None,
+            custom_translation_table=None,
+            optimize=True,
+            verify=False,  # our own ORT parity check on the final file is stricter
+            report=False,
+            profile=False,
+            dump_exported_program=False,
+        )
+    else:
+        torch.onnx.export(
+            model, (example,), f, **common,
+            dynamic_shapes=None,
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            training=torch.onnx.TrainingMode.EVAL,
+            do_constant_folding=True,
+            operator_export_type=torch.onnx.OperatorExportTypes.ONNX,
+        )
+
+
+def _simplify(proto):
+    import inspect
+
+    import onnxsim
+
+    options = dict(
+        check_n=0,  # parity is checked on the final file with the real inputs instead
+        perform_optimization=True,
+        skip_fuse_bn=False,
+        skip_constant_folding=False,
+        skip_shape_inference=False,
+        include_subgraph=False,
+        mutable_initializer=False,
+    )
+    # onnxsim >= 0.8 only; pyproject still allows 0.4.x, whose simplify() would reject these names.
+    newer = dict(
+        inline_functions=True,
+        initializers_as_constants=True,  # weights are frozen for deployment: let BN fold into them
+        target_opset_version=None,  # keep the opset the caller asked for
+        providers=["CPUExecutionProvider"],
+        gemm_fusion_backend="ort_cpu",
+        # Opt-in analyses off: slow (Z3) and they write their own metadata_props entries.
+        certify=False,
+        check_hazards=False,
+        check_gradients=False,
+        range_opt=False,
+    )
+    accepted = inspect.signature(onnxsim.simplify).parameters
+    options.update({k: v for k, v in newer.items() if k in accepted})
+    simplified, ok = onnxsim.simplify(proto, **options)
+    if not ok:
+        raise RuntimeError("onnxsim reported that the simplified model could not be validated")
+    return simplified
+
+
+def export_onnx(model: torch.nn.Module, path, *, opset: int = 18, dynamo: bool = True, simplify: bool = True,
+                metadata: dict[str, str] | None = None, parity_inputs: torch.Tensor | None = None,
+                parity_tol: float = 1e-4) -> ExportReport:
+    import onnx
+
+    metadata = _validated_metadata(metadata)
+    path = os.path.abspath(os.fspath(path))
+    device = next(model.parameters()).device
+    # Batch 2, not 1: torch.export specialises size-1 dims, which would defeat the dynamic batch.
+    example = torch.rand((2, *IMAGE_SHAPE), generator=torch.Generator().manual_seed(1234)).to(device)
+    if parity_inputs is None:
+        parity_inputs = torch.rand((8, *IMAGE_SHAPE), generator=torch.Generator().manual_seed(0))
+    parity_inputs = parity_inputs.detach().float().cpu()
+
+    # Same directory, so os.replace is a rename on one filesystem (atomic), never a copy.
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+    try:
+        with _export_mode(model), torch.no_grad():
+            _torch_export(model, example, tmp, opset=opset, dynamo=dynamo)
+            expected = model(parity_inputs.to(device)).float().cpu().numpy()
+        proto = onnx.load(tmp)
+        onnx.checker.check_model(proto, full_check=True)
+        nodes_before = len(proto.graph.node)
+        if simplify:
+            proto = _simplify(proto)
+            onnx.checker.check_model(proto, full_check=True)
+        # Replace, not merge: onnxsim records its own bookkeeping (removed-node lists...) there, and the
+        # deployed file should carry exactly the caller's provenance.
+        onnx.helper.set_model_props(proto, metadata)
+        onnx.save_model(proto, tmp, save_as_external_data=False)
+
+        got = ort_predict(ort_session(tmp, intra_op_threads=1, inter_op_threads=1, optimization="all"),
+                          parity_inputs.numpy(), batch_size=len(parity_inputs))
+        diff = float(np.max(np.abs(got - expected)))
+        if not diff <= parity_tol:  # `not <=` so that NaN fails too
+            raise ExportParityError(diff, parity_tol)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+    return ExportReport(path=path, opset=opset, simplified=simplify, nodes_before=nodes_before,
+                        nodes_after=len(proto.graph.node), parity_max_abs_diff=diff,
+                        params=float_initializer_count(proto))

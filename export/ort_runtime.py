@@ -1,0 +1,220 @@
+"""ONNX Runtime inference, latency measurement and static inspection of exported ONNX files.
+
+onnx / onnxruntime are imported inside functions so that importing ``export`` stays cheap for
+stages that never touch ONNX.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+_OPT_LEVELS = {
+    "disable": "ORT_DISABLE_ALL",
+    "basic": "ORT_ENABLE_BASIC",
+    "extended": "ORT_ENABLE_EXTENDED",
+    "all": "ORT_ENABLE_ALL",
+}
+
+_FLOAT_TYPES = {1, 10, 11, 16}  # FLOAT, FLOAT16, DOUBLE, BFLOAT16 (onnx.TensorProto enum values)
+
+
+def ort_session(path, *, intra_op_threads: int = 1, inter_op_threads: int = 1, optimization: str = "all"):
+    import onnxruntime as ort
+
+    if optimization not in _OPT_LEVELS:
+        raise ValueError(f"optimization must be one of {sorted(_OPT_LEVELS)}, got {optimization!r}")
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = int(intra_op_threads)
+    opts.inter_op_num_threads = int(inter_op_threads)
+    # Sequential: inter-op parallelism would make latency depend on scheduling, not on the model.
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _OPT_LEVELS[optimization])
+    # Spinning threads burn the cores the interleaved competitor needs; off makes A/B timings fairer.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    return ort.InferenceSession(os.fspath(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def _as_float32(images) -> np.ndarray:
+    if isinstance(images, torch.Tensor):
+        images = images.detach().cpu().numpy()
+    images = np.asarray(images)
+    # uint8 images would be silently misread as [0, 255]; the exported graph expects [0, 1] floats.
+    if not np.issubdtype(images.dtype, np.floating):
+        raise ValueError(f"expected float images in [0, 1], got dtype {images.dtype}")
+    return np.ascontiguousarray(images, dtype=np.float32)
+
+
+def ort_predict(session, images, batch_size: int = 256) -> np.ndarray:
+    x = _as_float32(images)
+    name = session.get_inputs()[0].name
+    outs = [session.run(None, {name: x[i:i + batch_size]})[0] for i in range(0, len(x), batch_size)]
+    return np.concatenate(outs, axis=0)
+
+
+def ort_accuracy(session, images, labels, batch_size: int = 256) -> float:
+    if isinstance(labels, torch.Tensor):
+        labels = labels.detach().cpu().numpy()
+    labels = np.asarray(labels)
+    pred = ort_predict(session, images, batch_size).argmax(axis=1)
+    return float((pred == labels).mean() * 100.0)
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    name: str
+    p50_ms: float
+    p90_ms: float
+    mean_ms: float
+    runs: int
+    batch: int
+    threads: int
+
+
+def measure_latency_interleaved(paths: dict[str, str], *, threads: int = 1, batch: int = 1, warmup: int = 20,
+                                runs: int = 100, seed: int = 0) -> dict[str, LatencyStats]:
+    if not paths:
+        raise ValueError("paths is empty")
+    if runs < 1 or warmup < 0:
+        raise ValueError(f"need runs >= 1 and warmup >= 0, got runs={runs}, warmup={warmup}")
+    sessions = {name: ort_session(p, intra_op_threads=threads, inter_op_threads=1, optimization="all")
+                for name, p in paths.items()}
+    feeds = {}
+    x = None
+    for name, sess in sessions.items():
+        inp = sess.get_inputs()[0]
+        shape = tuple(batch if i == 0 else d for i, d in enumerate(inp.shape))
+        if not all(isinstance(d, int) for d in shape):
+            raise ValueError(f"{name}: non-batch dims must be static, got {inp.shape}")
+        if x is None:
+            x = np.random.default_rng(seed).random(shape, dtype=np.float32)
+        elif x.shape != shape:
+            raise ValueError(f"{name}: input shape {shape} differs from {x.shape}; models are not comparable")
+        feeds[name] = {inp.name: x}
+
+    for name, sess in sessions.items():
+        for _ in range(warmup):
+            sess.run(None, feeds[name])
+
+    names = list(sessions)
+    times = {name: np.empty(runs, dtype=np.int64) for name in names}
+    for r in range(runs):
+        # Alternating the order cancels slow drift (thermal, frequency) and first-in-round cache effects.
+        for name in (names if r % 2 == 0 else names[::-1]):
+            t0 = time.perf_counter_ns()
+            sessions[name].run(None, feeds[name])
+            times[name][r] = time.perf_counter_ns() - t0
+
+    out = {}
+    for name in names:
+        ms = times[name] / 1e6
+        p50, p90 = np.percentile(ms, [50, 90])
+        out[name] = LatencyStats(name, float(p50), float(p90), float(ms.mean()), runs, batch, threads)
+    return out
+
+
+def read_metadata(path) -> dict[str, str]:
+    import onnx
+
+    # load_external_data=False: only the header is needed, never the weights.
+    model = onnx.load(os.fspath(path), load_external_data=False)
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def float_initializer_count(model) -> int:
+    """Elements of float initializers of an in-memory ModelProto (int64 shape constants are not parameters)."""
+    return sum(int(np.prod(t.dims, dtype=np.int64)) for t in model.graph.initializer if t.data_type in _FLOAT_TYPES)
+
+
+def onnx_param_count(path, *, float_only: bool = True) -> int:
+    import onnx
+
+    model = onnx.load(os.fspath(path), load_external_data=False)
+    if float_only:
+        return float_initializer_count(model)
+    return sum(int(np.prod(t.dims, dtype=np.int64)) for t in model.graph.initializer)
+
+
+def _dims(type_proto):
+    shape = type_proto.tensor_type.shape
+    return [d.dim_value if d.HasField("dim_value") else None for d in shape.dim]
+
+
+def onnx_macs(path) -> int:
+    """Multiply-accumulates for one image, from Conv, Gemm and MatMul nodes only."""
+    import onnx
+
+    model = onnx.load(os.fspath(path))
+    graph = model.graph
+    init_names = {t.name for t in graph.initializer}
+    batch_params = set()
+    for inp in graph.input:
+        if inp.name in init_names:
+            continue
+        dim0 = inp.type.tensor_type.shape.dim[0]
+        if dim0.HasField("dim_param"):
+            batch_params.add(dim0.dim_param)
+        dim0.Clear()
+        dim0.dim_value = 1
+    # The same symbol on outputs (and stale value_info) would otherwise clash with the fixed batch of 1.
+    for out in graph.output:
+        for d in out.type.tensor_type.shape.dim:
+            if d.HasField("dim_param") and d.dim_param in batch_params:
+                d.Clear()
+                d.dim_value = 1
+    del graph.value_info[:]
+    graph = onnx.shape_inference.infer_shapes(model, strict_mode=True).graph
+
+    shapes = {t.name: list(t.dims) for t in graph.initializer}
+    for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
+        shapes.setdefault(vi.name, _dims(vi.type))
+
+    def shape_of(name, node):
+        s = shapes.get(name)
+        if s is None or any(d is None for d in s):
+            raise ValueError(f"unknown shape for {name!r} of {node.op_type} node {node.name!r}")
+        return s
+
+    total = 0
+    for node in graph.node:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type == "Conv":
+            w = shape_of(node.input[1], node)
+            y = shape_of(node.output[0], node)
+            # w = [C_out, C_in/groups, kH, kW]: its product already is C_out * C_in/groups * kernel.
+            total += int(np.prod(y[2:], dtype=np.int64)) * int(np.prod(w, dtype=np.int64))
+        elif node.op_type == "Gemm":
+            a = shape_of(node.input[0], node)
+            b = shape_of(node.input[1], node)
+            m, k = (a[1], a[0]) if attrs.get("transA", 0) else (a[0], a[1])
+            n = b[0] if attrs.get("transB", 0) else b[1]
+            total += m * k * n
+        elif node.op_type == "MatMul":
+            a = shape_of(node.input[0], node)
+            y = shape_of(node.output[0], node)
+            # Y holds one k-long dot product per element (broadcast batch dims included); k is A's last dim.
+            total += int(np.prod(y, dtype=np.int64)) * a[-1]
+    return int(total)
+
+
+def host_device_description() -> dict:
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {
+        "device": "host-cpu",
+        "cpu": cpu or platform.processor() or "unknown",
+        "arch": platform.machine(),
+        "cores": os.cpu_count(),
+    }

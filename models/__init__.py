@@ -1,0 +1,8 @@
+from .preact_resnet import Ensemble, PreActBlock, PreActResNet, ResidualNoise, noise_disabled, set_noise
+from .registry import create_model, list_models, model_entry, register_model
+from .shapes import build_from_description, describe
+
+__all__ = [
+    "Ensemble", "PreActBlock", "PreActResNet", "ResidualNoise", "noise_disabled", "set_noise",
+    "create_model", "list_models", "model_entry", "register_model", "build_from_description", "describe",
+]

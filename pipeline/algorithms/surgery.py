@@ -1,0 +1,152 @@
+"""Physical removal of the channels that RGSM's group sparsity made dead.
+
+A channel can be cut out of the network without changing its function exactly when every layer that
+*reads* it ignores it: each consuming conv has a zero input slice ``W[:, c]`` (an RGSM group) and each
+consuming linear a zero column. Producers of the channel (conv out-channels, BN entries) then go with it.
+torch-pruning's DependencyGraph supplies the coupling, which matters for the residual stream: one residual
+channel of a stage is written by every conv2/shortcut of the stage and read by every block after it, so it
+goes only when all of those readers ignore it.
+
+Exactness holds with the residual noise *off*. With noise on, ``ResidualNoise`` scales by ``std()`` over the
+whole residual tensor, dead channels included, so removing residual-stream channels changes the noise
+magnitude (not the noiseless function).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+
+from models import noise_disabled
+from pipeline.algorithms.sparsity import channel_sparsity, group_norms
+
+PARITY_TOL = 1e-5
+
+# Op types that carry a channel through unchanged (BN, relu, add, pooling, flatten): they neither decide
+# whether the channel is dead nor block its removal.
+_PASS_THROUGH = (tp.ops.OPTYPE.BN, tp.ops.OPTYPE.ELEMENTWISE, tp.ops.OPTYPE.RESHAPE)
+
+
+@dataclass
+class SurgeryResult:
+    model: nn.Module          # physically pruned deep copy; the input model is untouched
+    removed_channels: int     # conv input-channel groups that disappeared (paper's group unit)
+    zero_channels: int        # groups with l2 norm < tol in the input model, all convs of all members
+    total_channels: int       # sum of C_in over all convs of the input model (675 per ResNet20 member)
+    removed_fraction: float   # removed_channels / zero_channels; 0.0 when there are no zero groups
+    kept_for_shape: int       # zero groups kept only so that no layer ends up with 0 channels
+    max_abs_diff: float       # max |logits(pruned) - logits(input)|, noise off, eval mode, float64
+
+
+def _dead_mask(group, dg: tp.DependencyGraph, n: int, tol: float) -> tuple[torch.Tensor, int]:
+    """Which of the group's ``n`` root channels every consumer ignores, and how many consumer convs read them."""
+    dead = torch.ones(n, dtype=torch.bool)
+    conv_readers = 0
+    for item in group:
+        dep, idxs, roots = item.dep, item.idxs, item.root_idxs
+        module, op = dep.target.module, dep.target.type
+        reads = dg.is_in_channel_pruning_fn(dep.handler)
+        if op == tp.ops.OPTYPE.CONV and reads and module.groups == 1:
+            conv_readers += 1
+            alive = group_norms(module.weight)[idxs] >= tol
+        elif op == tp.ops.OPTYPE.LINEAR and reads:
+            alive = (module.weight.detach()[:, idxs].abs() >= tol).any(dim=0)
+        elif op == tp.ops.OPTYPE.CONV and not reads:
+            continue  # a producer: its out-channel simply goes with the channel
+        elif op in _PASS_THROUGH:
+            continue
+        else:
+            # Anything else (linear outputs = class logits, concat, model output, ...) is never cut.
+            alive = torch.ones(len(idxs), dtype=torch.bool)
+        dead[torch.as_tensor(roots, dtype=torch.long)[alive]] = False
+    return dead, conv_readers
+
+
+def _logits64(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    # float64 so that the parity check measures the surgery, not float32 summation-order noise.
+    m = copy.deepcopy(model).double().eval()
+    with noise_disabled(m), torch.no_grad():
+        return m(x.double())
+
+
+def remove_dead_channels(model: nn.Module, example_input: torch.Tensor, tol: float = 1e-15) -> SurgeryResult:
+    """Return a physically smaller copy of ``model`` that computes the same function with noise off.
+
+    Raises RuntimeError if the empirical parity check on ``example_input`` exceeds ``PARITY_TOL``.
+    """
+    zero, total = channel_sparsity(model, tol)
+    c_in_before = {n: m.in_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    x = example_input.detach()
+
+    work = copy.deepcopy(model)
+    reference = _logits64(work, x)
+    kept_for_shape = 0
+    # DependencyGraph traces through autograd and calls eval(); noise off because std() mixes all channels.
+    with noise_disabled(work), torch.enable_grad():
+        dg = tp.DependencyGraph().build_dependency(work, example_inputs=x, verbose=False)
+        plan = []
+        # Conv out-channel groups cover every conv input except the stem's RGB, which is never pruned.
+        for group in dg.get_all_groups(root_module_types=(nn.Conv2d,)):
+            root = group[0].dep.target.module
+            dead, conv_readers = _dead_mask(group, dg, root.out_channels, tol)
+            idxs = dead.nonzero().flatten().tolist()
+            if len(idxs) == root.out_channels:
+                idxs = idxs[1:]  # keep one channel: layers with 0 channels are not valid modules
+                kept_for_shape += conv_readers
+            if idxs:
+                plan.append((root, idxs))
+        # Groups are disjoint, so pruning one does not shift the indices of another.
+        for root, idxs in plan:
+            dg.get_pruning_group(root, tp.prune_conv_out_channels, idxs).prune()
+
+    # torch-pruning replaces parameters with fresh ones: restore the input's modes and freezing.
+    src_modules = dict(model.named_modules())
+    for name, m in work.named_modules():
+        m.training = src_modules[name].training
+    src_params = dict(model.named_parameters())
+    for name, p in work.named_parameters():
+        p.requires_grad_(src_params[name].requires_grad)
+    _check_shapes(work)
+
+    max_abs_diff = float((_logits64(work, x) - reference).abs().max())
+    if not max_abs_diff <= PARITY_TOL:
+        raise RuntimeError(f"channel surgery changed the logits by {max_abs_diff:.3g} > {PARITY_TOL}")
+
+    removed = sum(c_in_before[n] - m.in_channels for n, m in work.named_modules() if isinstance(m, nn.Conv2d))
+    return SurgeryResult(
+        model=work,
+        removed_channels=removed,
+        zero_channels=zero,
+        total_channels=total,
+        removed_fraction=removed / zero if zero else 0.0,
+        kept_for_shape=kept_for_shape,
+        max_abs_diff=max_abs_diff,
+    )
+
+
+def _check_shapes(model: nn.Module) -> None:
+    # describe()/build_from_description() read these attributes, not the weight shapes.
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            ok = m.weight.shape[:2] == (m.out_channels, m.in_channels // m.groups)
+        elif isinstance(m, nn.BatchNorm2d):
+            ok = all(t is None or t.shape == (m.num_features,)
+                     for t in (m.weight, m.bias, m.running_mean, m.running_var))
+        elif isinstance(m, nn.Linear):
+            ok = m.weight.shape == (m.out_features, m.in_features)
+        else:
+            continue
+        if not ok:
+            raise RuntimeError(f"{name}: shape attributes disagree with weights after surgery")
+
+
+def count_params_macs(model: nn.Module, input_shape=(1, 3, 32, 32)) -> tuple[int, int]:
+    """(parameters, MACs) as torch-pruning counts them, noise off (its std/randn are not model compute)."""
+    p = next(model.parameters())
+    x = torch.zeros(input_shape, dtype=p.dtype, device=p.device)
+    with noise_disabled(model), torch.no_grad():
+        macs, params = tp.utils.count_ops_and_params(model, x)
+    return int(params), int(macs)

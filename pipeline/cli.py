@@ -1,0 +1,69 @@
+"""``pipeline run --config configs/X.toml [--out DIR] [--set section.key=value ...]``"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pipeline", description="Robust EnResNet -> RGSM pruning -> ONNX -> bench")
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run (or resume) every stage of a config")
+    run.add_argument("--config", required=True, help="TOML file, e.g. configs/quickstart.toml")
+    run.add_argument("--out", help="run directory (default: runs/<config name>)")
+    run.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                     help="override a config value (repeatable), e.g. --set prune.lambda1=0.1")
+    show = sub.add_parser("show-config", help="print the resolved config as TOML-like key = value lines")
+    show.add_argument("--config", required=True)
+    show.add_argument("--set", action="append", default=[])
+    tb = sub.add_parser("bench-train", help="training throughput: this pipeline vs a reference-style loop")
+    tb.add_argument("--config", default=None, help="config for data root/model (default: built-in defaults)")
+    tb.add_argument("--set", action="append", default=[])
+    tb.add_argument("--images", type=int, default=2048, help="training images per measured epoch")
+    tb.add_argument("--workers", type=int, default=2, help="DataLoader workers for the reference loop")
+    return p
+
+
+def _fail(msg: str) -> int:
+    print(f"pipeline: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from .config import ConfigError, flatten, load_config
+    from .data import DataError
+
+    try:
+        cfg = load_config(args.config, args.set)
+        if args.command == "show-config":
+            for k, v in flatten(cfg).items():
+                print(f"{k} = {v!r}")
+            return 0
+        if args.command == "bench-train":
+            from .bench_train import run_bench
+
+            run_bench(cfg, images=args.images, workers=args.workers)
+            return 0
+        from .report import write_report
+        from .runner import run_pipeline
+        from .stages import STAGES
+
+        out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
+        if out.exists() and not out.is_dir():
+            return _fail(f"--out {out}: exists and is not a directory")
+        t0 = time.perf_counter()
+        manifest = run_pipeline(cfg, out, STAGES, log=lambda m: print(m, flush=True))
+        write_report(out, manifest)
+        print(f"done in {time.perf_counter() - t0:.1f}s: {out / 'report.md'}", flush=True)
+        return 0
+    except (ConfigError, DataError) as e:
+        return _fail(str(e))
+    except KeyboardInterrupt:
+        return _fail("interrupted; finished stages are kept, rerun the same command to resume")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

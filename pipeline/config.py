@@ -1,0 +1,245 @@
+"""Run configuration: frozen dataclasses loaded from TOML, validated, with ``--set section.key=value`` overrides.
+
+Every mistake (unknown key, wrong type, bad value) becomes a ``ConfigError`` whose message is one line naming
+the file, the dotted key, what was expected and what was found.
+"""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    root: str = ""              # folder holding cifar-10-batches-py; "" = $PIPELINE_DATA_ROOT, else ~/.cache
+    download: bool = True       # torchvision download when the files are absent
+    val_size: int = 5000        # held out of the 50k training images (paper: 45k/5k)
+    train_subset: int = 0       # 0 = all remaining training images
+    test_subset: int = 0        # 0 = all 10k test images; else a seeded subset
+    split_seed: int = 0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str = "preact_resnet20"
+    ensemble: int = 1
+    noise_coef: float = 0.1
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    """Attack used *during training* to craft adversarial examples."""
+    kind: str = "pgd"           # "pgd" | "fgsm_rs" | "none" (natural training)
+    eps_255: float = 8.0
+    step_255: float = 2.0
+    steps: int = 10             # PGD iterations (paper: 10); ignored for fgsm_rs
+    random_start: bool = True
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 200
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    lr_milestones: tuple[float, ...] = (0.4, 0.6, 0.8)   # fractions of epochs (paper: 80/120/160 of 200)
+    lr_gamma: float = 0.1
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    val_attack_steps: int = 10      # PGD steps for checkpoint selection on the validation split
+    val_subset: int = 0             # 0 = the whole validation split
+    augment: bool = True
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    method: str = "rgsm"
+    init: str = "finetune"      # "finetune" (start from the train checkpoint) | "scratch" (paper's from-scratch mode)
+    beta: float = 1.0
+    lambda1: float = 0.05       # group l0 weight: threshold sqrt(2*lambda1/beta)
+    lambda2: float = 1e-5       # group lasso weight
+    epochs: int = 200
+    lr: float = 0.1
+    lr_milestones: tuple[float, ...] = (0.4, 0.6, 0.8)
+    lr_gamma: float = 0.1
+    zero_tol: float = 1e-15     # paper: a group counts as zero when its l2 norm is below this
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Final test-set evaluation of the train and prune outputs."""
+    pgd_steps: int = 20
+    eps_255: float = 8.0
+    step_255: float = 2.0
+    batch_size: int = 256
+    eot_samples: int = 1        # > 1: also attack the noisy model with EOT (gradients averaged over samples)
+    noise_off_too: bool = True  # also evaluate with the test-time noise off (the function the ONNX graph computes)
+
+
+@dataclass(frozen=True)
+class SurgeryConfig:
+    tol: float = 1e-15
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    opset: int = 18
+    dynamo: bool = True
+    simplify: bool = True
+    parity_tol: float = 1e-4
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    threads: int = 1
+    batch: int = 1
+    warmup: int = 50
+    runs: int = 300
+    accuracy_subset: int = 0    # 0 = the evaluated test set (data.test_subset)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = "run"
+    seed: int = 0
+    device: str = "auto"        # "auto" | "cpu" | "cuda"
+    threads: int = 0            # torch intra-op threads for training; 0 = torch default
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    surgery: SurgeryConfig = field(default_factory=SurgeryConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+
+
+CHOICES = {
+    "device": ("auto", "cpu", "cuda"),
+    "train.attack.kind": ("pgd", "fgsm_rs", "none"),
+    "prune.method": ("rgsm",),
+    "prune.init": ("finetune", "scratch"),
+}
+NON_NEGATIVE = {"threads", "data.val_size", "data.train_subset", "data.test_subset", "train.attack.steps",
+                "train.val_attack_steps", "train.val_subset", "train.weight_decay", "prune.lambda1",
+                "prune.lambda2", "eval.pgd_steps", "bench.accuracy_subset", "train.attack.eps_255",
+                "eval.eps_255", "bench.warmup"}
+POSITIVE = {"model.ensemble", "train.epochs", "train.batch_size", "train.lr", "prune.epochs", "prune.lr",
+            "prune.beta", "eval.batch_size", "eval.eot_samples", "bench.threads", "bench.batch", "bench.runs", "export.opset"}
+
+
+def _type_name(t) -> str:
+    return getattr(t, "__name__", str(t))
+
+
+def _coerce(value, hint, where: str, source: str):
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        (elem, _) = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: {where}: expected a list of {_type_name(elem)}, got {type(value).__name__} ({value!r})")
+        return tuple(_coerce(v, elem, f"{where}[{i}]", source) for i, v in enumerate(value))
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float) and isinstance(value, bool) or not isinstance(value, hint):
+        raise ConfigError(f"{source}: {where}: expected {_type_name(hint)}, got {type(value).__name__} ({value!r})")
+    return value
+
+
+def _build(cls, data: dict, prefix: str, source: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'top level'}: expected a table, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            raise ConfigError(f"{source}: unknown key '{prefix}{key}' (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        hint = hints[f.name]
+        where = prefix + f.name
+        if dataclasses.is_dataclass(hint):
+            kwargs[f.name] = _build(hint, data[f.name], where + ".", source)
+        else:
+            kwargs[f.name] = _coerce(data[f.name], hint, where, source)
+    return cls(**kwargs)
+
+
+def _validate(cfg: RunConfig, source: str) -> None:
+    flat = flatten(cfg)
+    for key, choices in CHOICES.items():
+        if flat[key] not in choices:
+            raise ConfigError(f"{source}: {key}: expected one of {', '.join(choices)}, got {flat[key]!r}")
+    for key in NON_NEGATIVE:
+        if flat[key] < 0:
+            raise ConfigError(f"{source}: {key}: expected >= 0, got {flat[key]!r}")
+    for key in POSITIVE:
+        if flat[key] <= 0:
+            raise ConfigError(f"{source}: {key}: expected > 0, got {flat[key]!r}")
+    for key in ("train.lr_milestones", "prune.lr_milestones"):
+        ms = flat[key]
+        if any(not 0 < m <= 1 for m in ms) or list(ms) != sorted(ms):
+            raise ConfigError(f"{source}: {key}: expected increasing fractions in (0, 1], got {list(ms)!r}")
+    from models import list_models
+    if cfg.model.arch not in list_models():
+        raise ConfigError(f"{source}: model.arch: expected one of {', '.join(list_models())}, got {cfg.model.arch!r}")
+
+
+def flatten(obj, prefix: str = "") -> dict:
+    out = {}
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if dataclasses.is_dataclass(v):
+            out.update(flatten(v, prefix + f.name + "."))
+        else:
+            out[prefix + f.name] = v
+    return out
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _parse_override(text: str, source: str) -> tuple[list[str], object]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"{source}: expected section.key=value, got {text!r}")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # a bare word such as `--set prune.init=scratch` is meant as a string
+    return key.strip().split("."), value
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    source = str(path) if path else "<defaults>"
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            data = tomllib.loads(p.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{source}: file not found") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{source}: invalid TOML: {e}") from None
+    for text in overrides:
+        keys, value = _parse_override(text, "--set")
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {text}: '{k}' is not a section")
+        node[keys[-1]] = value
+    cfg = _build(RunConfig, data, "", source)
+    _validate(cfg, source)
+    return cfg

@@ -1,0 +1,154 @@
+"""Run directory + manifest: each stage runs into its own folder, is keyed by its config and inputs,
+and is skipped on a rerun when its key and output hashes still match."""
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+from .config import RunConfig, to_dict
+from .runio import sha256_file, sha256_json, write_json
+
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class StageContext:
+    cfg: RunConfig
+    run_dir: Path
+    out_dir: Path                          # the stage's own (temporary) folder: write only here
+    inputs: dict[str, dict[str, Path]]     # upstream stage -> output name -> path
+    metrics_of: dict[str, dict]            # upstream stage -> its recorded metrics
+    log: Callable[[str], None] = print
+
+
+@dataclass
+class StageResult:
+    outputs: dict[str, Path]
+    metrics: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    sections: tuple[str, ...]   # config sections (or top-level keys) that the stage's result depends on
+    inputs: tuple[str, ...]     # upstream stages whose outputs it reads
+    run: Callable[[StageContext], StageResult]
+
+
+def package_versions() -> dict:
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for dist in ("torch", "torchvision", "onnx", "onnxruntime", "onnxsim", "torch-pruning", "numpy"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def git_commit() -> str | None:
+    here = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=here, capture_output=True, text=True,
+                                timeout=10).stdout.strip() or None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{commit}{'+dirty' if dirty and commit else ''}" if commit else None
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def load_manifest(run_dir: Path) -> dict:
+    path = run_dir / MANIFEST
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return {}  # a damaged manifest only costs a rerun
+
+
+def stage_key(stage: Stage, cfg: RunConfig, manifest: dict) -> str:
+    cfg_dict = to_dict(cfg)
+    upstream = {name: {k: v["sha256"] for k, v in manifest["stages"][name]["outputs"].items()}
+                for name in stage.inputs}
+    return sha256_json({"stage": stage.name, "config": {s: cfg_dict[s] for s in stage.sections},
+                        "inputs": upstream})
+
+
+def _outputs_valid(run_dir: Path, entry: dict) -> bool:
+    for out in entry.get("outputs", {}).values():
+        path = run_dir / out["path"]
+        if not path.is_file() or sha256_file(path) != out["sha256"]:
+            return False
+    return True
+
+
+def run_pipeline(cfg: RunConfig, run_dir: Path, stages: list[Stage], *, log=print, after_stage=None) -> dict:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    manifest = load_manifest(run_dir)
+    manifest.setdefault("stages", {})
+    manifest.update({"config": to_dict(cfg), "versions": package_versions(), "git_commit": git_commit(),
+                     "command": sys.argv, "updated": _now()})
+    upstream_changed = False
+    for stage in stages:
+        key = stage_key(stage, cfg, manifest)
+        entry = manifest["stages"].get(stage.name, {})
+        if not upstream_changed and entry.get("status") == "done" and entry.get("key") == key \
+                and _outputs_valid(run_dir, entry):
+            log(f"[{stage.name}] skipped: up to date (key {key[:12]})")
+            continue
+        upstream_changed = True
+        log(f"[{stage.name}] running")
+        final_dir = run_dir / stage.name
+        tmp_dir = run_dir / f".{stage.name}.tmp"
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        tmp_dir.mkdir(parents=True)
+        ctx = StageContext(cfg=cfg, run_dir=run_dir, out_dir=tmp_dir,
+                           inputs={n: {k: run_dir / v["path"] for k, v in manifest["stages"][n]["outputs"].items()}
+                                   for n in stage.inputs},
+                           metrics_of={n: manifest["stages"][n].get("metrics", {}) for n in stage.inputs},
+                           log=lambda msg, _n=stage.name: log(f"[{_n}] {msg}"))
+        started, t0 = _now(), time.perf_counter()
+        try:
+            result = stage.run(ctx)
+        except BaseException:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+            manifest["stages"][stage.name] = {**entry, "status": "failed", "key": key, "failed_at": _now()}
+            write_json(run_dir / MANIFEST, manifest)
+            raise
+        # Swap the finished folder in whole, so a crash never leaves a half-written stage behind.
+        old_dir = run_dir / f".{stage.name}.old"
+        shutil.rmtree(old_dir, ignore_errors=True)
+        if final_dir.exists():
+            final_dir.rename(old_dir)
+        tmp_dir.rename(final_dir)
+        shutil.rmtree(old_dir, ignore_errors=True)
+        outputs = {}
+        for name, path in result.outputs.items():
+            rel = Path(path).relative_to(tmp_dir)
+            outputs[name] = {"path": str(Path(stage.name) / rel), "sha256": sha256_file(final_dir / rel)}
+        manifest["stages"][stage.name] = {
+            "status": "done", "key": key, "config": {s: to_dict(cfg)[s] for s in stage.sections},
+            "inputs": list(stage.inputs), "outputs": outputs, "metrics": result.metrics,
+            "started": started, "finished": _now(), "seconds": round(time.perf_counter() - t0, 3)}
+        write_json(run_dir / MANIFEST, manifest)
+        log(f"[{stage.name}] done in {time.perf_counter() - t0:.1f}s")
+        if after_stage is not None:
+            after_stage(stage.name, manifest)
+    manifest["updated"] = _now()
+    write_json(run_dir / MANIFEST, manifest)
+    return manifest

@@ -1,0 +1,88 @@
+"""Stage ``train``: PGD adversarial training; the checkpoint is selected on validation robust accuracy."""
+from __future__ import annotations
+
+import json
+
+import torch
+
+from models import create_model, describe
+
+from ..algorithms.attacks import make_attack
+from ..algorithms.sparsity import PAPER_ZERO_TOL, channel_sparsity, weight_sparsity
+from ..runio import save_model
+from ..runner import Stage, StageContext, StageResult
+from ..training import evaluate, set_lr, snapshot, step_lr, train_epoch
+from .common import data_splits, device_of, model_kwargs, seed_everything, test_metrics
+
+
+def training_attack(cfg):
+    a = cfg.train.attack
+    return make_attack(a.kind, eps=a.eps_255 / 255, step=a.step_255 / 255, steps=a.steps,
+                       random_start=a.random_start)
+
+
+def validation_attack(cfg):
+    a = cfg.train.attack
+    return make_attack("pgd", eps=a.eps_255 / 255, step=a.step_255 / 255, steps=cfg.train.val_attack_steps)
+
+
+def make_optimizer(model, cfg, lr: float):
+    t = cfg.train
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=t.momentum, nesterov=t.nesterov,
+                           weight_decay=t.weight_decay)
+
+
+def validate(model, val, cfg, device, generator) -> dict:
+    bs = cfg.eval.batch_size
+    out = {"val_natural": evaluate(model, val, batch_size=bs, device=device)}
+    attack = validation_attack(cfg)
+    if attack is not None:
+        out["val_robust"] = evaluate(model, val, batch_size=bs, device=device, attack=attack, generator=generator)
+    return out
+
+
+def sparsity_metrics(model, tol: float) -> dict:
+    zc, tc = channel_sparsity(model, tol)
+    zw, tw = weight_sparsity(model)
+    return {"zero_channels": zc, "total_channels": tc, "channel_sparsity": 100.0 * zc / tc,
+            "weight_sparsity": 100.0 * zw / tw}
+
+
+def run(ctx: StageContext) -> StageResult:
+    cfg, t = ctx.cfg, ctx.cfg.train
+    generator = seed_everything(cfg.seed)
+    device = device_of(cfg)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    train, val, test = data_splits(cfg)
+    val_eval = val.subset(t.val_subset, cfg.data.split_seed + 3)
+    ctx.log(f"{len(train)} train / {len(val_eval)} val / {len(test)} test images on {device}")
+    model = create_model(cfg.model.arch, **model_kwargs(cfg)).to(device)
+    optimizer = make_optimizer(model, cfg, t.lr)
+    attack = training_attack(cfg)
+    select_on = "val_robust" if validation_attack(cfg) is not None else "val_natural"
+    best, best_state, log_lines = None, None, []
+    for epoch in range(t.epochs):
+        set_lr(optimizer, step_lr(epoch, base_lr=t.lr, epochs=t.epochs, milestones=t.lr_milestones, gamma=t.lr_gamma))
+        stats = train_epoch(model, train, optimizer, batch_size=t.batch_size, attack=attack, generator=generator,
+                            augment=t.augment, device=device, progress=f"train {epoch + 1}/{t.epochs}")
+        stats.update(validate(model, val_eval, cfg, device, generator))
+        stats["epoch"] = epoch + 1
+        log_lines.append(json.dumps(stats))
+        ctx.log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in stats.items()))
+        if best is None or stats[select_on] > best[select_on]:
+            best, best_state = stats, snapshot(model)
+    model.load_state_dict(best_state)
+    (ctx.out_dir / "epochs.jsonl").write_text("\n".join(log_lines) + "\n")
+    outputs = save_model(model, describe(model, cfg.model.arch, model_kwargs(cfg)), ctx.out_dir)
+    outputs["epochs_log"] = ctx.out_dir / "epochs.jsonl"
+    metrics = {"selected_epoch": best["epoch"], "selected_on": select_on,
+               "val": {k: best[k] for k in ("val_natural", "val_robust") if k in best},
+               "train_images_per_s": sum(json.loads(x)["images_per_s"] for x in log_lines) / len(log_lines),
+               "params": sum(p.numel() for p in model.parameters()),
+               **sparsity_metrics(model, PAPER_ZERO_TOL),
+               "test": test_metrics(model, test, cfg, device, generator, ctx.log)}
+    return StageResult(outputs, metrics)
+
+
+STAGE = Stage("train", sections=("seed", "data", "model", "train", "eval"), inputs=(), run=run)
