@@ -36,7 +36,7 @@ def train_epoch(model, split: Split, optimizer, *, batch_size: int, attack, gene
     start = time.perf_counter()
     n_batches = (len(split) + batch_size - 1) // batch_size
     it = batches(split, batch_size, shuffle=True, generator=generator, augment_images=augment, device=device)
-    for x, y in tqdm(it, total=n_batches, desc=progress, leave=False, disable=progress is None, mininterval=2):
+    for x, y in tqdm(it, total=n_batches, desc=progress, leave=False, disable=None if progress else True, mininterval=2):
         if attack is not None:
             x = attack(model, x, y, generator)
         logits = model(x)
