@@ -38,7 +38,7 @@ class AttackConfig:
     """Attack used *during training* to craft adversarial examples."""
     kind: str = "pgd"           # "pgd" | "fgsm_rs" | "none" (natural training)
     eps_255: float = 8.0
-    step_255: float = 2.0
+    step_255: float = 2.0       # PGD step; fgsm_rs always steps 1.25*eps (Wong et al., 2020)
     steps: int = 10             # PGD iterations (paper: 10); ignored for fgsm_rs
     random_start: bool = True
 
@@ -132,7 +132,8 @@ NON_NEGATIVE = {"threads", "data.val_size", "data.train_subset", "data.test_subs
                 "train.val_attack_steps", "train.val_subset", "train.weight_decay", "prune.lambda1",
                 "prune.lambda2", "eval.pgd_steps", "bench.accuracy_subset", "train.attack.eps_255",
                 "eval.eps_255", "bench.warmup"}
-POSITIVE = {"model.ensemble", "train.epochs", "train.batch_size", "train.lr", "prune.epochs", "prune.lr",
+POSITIVE = {"train.attack.step_255", "eval.step_255", "export.parity_tol", "prune.zero_tol", "surgery.tol",
+            "model.ensemble", "train.epochs", "train.batch_size", "train.lr", "prune.epochs", "prune.lr",
             "prune.beta", "eval.batch_size", "eval.eot_samples", "bench.threads", "bench.batch", "bench.runs", "export.opset"}
 
 
@@ -154,14 +155,15 @@ def _coerce(value, hint, where: str, source: str):
     return value
 
 
-def _build(cls, data: dict, prefix: str, source: str):
+def _build(cls, data: dict, prefix: str, source: str, overridden: frozenset = frozenset()):
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: {prefix.rstrip('.') or 'top level'}: expected a table, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     for key in data:
         if key not in names:
-            raise ConfigError(f"{source}: unknown key '{prefix}{key}' (known: {', '.join(sorted(names))})")
+            src = "--set" if prefix + key in overridden else source
+            raise ConfigError(f"{src}: unknown key '{prefix}{key}' (known: {', '.join(sorted(names))})")
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name not in data:
@@ -169,9 +171,9 @@ def _build(cls, data: dict, prefix: str, source: str):
         hint = hints[f.name]
         where = prefix + f.name
         if dataclasses.is_dataclass(hint):
-            kwargs[f.name] = _build(hint, data[f.name], where + ".", source)
+            kwargs[f.name] = _build(hint, data[f.name], where + ".", source, overridden)
         else:
-            kwargs[f.name] = _coerce(data[f.name], hint, where, source)
+            kwargs[f.name] = _coerce(data[f.name], hint, where, "--set" if where in overridden else source)
     return cls(**kwargs)
 
 
@@ -217,19 +219,22 @@ def _parse_override(text: str, source: str) -> tuple[list[str], object]:
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
-        value = raw  # a bare word such as `--set prune.init=scratch` is meant as a string
+        value = raw.strip()  # a bare word such as `--set prune.init=scratch` is meant as a string
     return key.strip().split("."), value
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
     source = str(path) if path else "<defaults>"
     data: dict = {}
+    overridden = set()
     if path is not None:
         p = Path(path)
         try:
             data = tomllib.loads(p.read_text())
         except FileNotFoundError:
             raise ConfigError(f"{source}: file not found") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{source}: cannot read: {type(e).__name__}: {e.strerror or e}") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{source}: invalid TOML: {e}") from None
     for text in overrides:
@@ -240,6 +245,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {text}: '{k}' is not a section")
         node[keys[-1]] = value
-    cfg = _build(RunConfig, data, "", source)
+        overridden.add(".".join(keys))
+    cfg = _build(RunConfig, data, "", source, frozenset(overridden))
     _validate(cfg, source)
     return cfg

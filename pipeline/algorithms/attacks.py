@@ -50,12 +50,13 @@ def fgsm_rs(model, x: torch.Tensor, y: torch.Tensor, *, eps: float, step: float 
 def make_attack(kind: str, *, eps: float, step: float, steps: int, random_start: bool = True,
                 eot_samples: int = 1):
     """A callable ``(model, x, y, generator) -> x_adv`` (or None for natural training)."""
+    if kind not in ("none", "pgd", "fgsm_rs"):
+        raise ValueError(f"unknown attack kind {kind!r}")
     if kind == "none" or eps == 0:
         return None
     if kind == "pgd":
         return lambda model, x, y, generator=None: pgd(model, x, y, eps=eps, step=step, steps=steps,
                                                        random_start=random_start, eot_samples=eot_samples,
                                                        generator=generator)
-    if kind == "fgsm_rs":
-        return lambda model, x, y, generator=None: fgsm_rs(model, x, y, eps=eps, generator=generator)
-    raise ValueError(f"unknown attack kind {kind!r}")
+    # fgsm_rs takes its own step (1.25*eps, Wong et al. 2020); `step` is the PGD step size.
+    return lambda model, x, y, generator=None: fgsm_rs(model, x, y, eps=eps, generator=generator)

@@ -44,4 +44,4 @@ def run(ctx: StageContext) -> StageResult:
     return StageResult({"bench": ctx.out_dir / "bench.json"}, metrics)
 
 
-STAGE = Stage("bench", sections=("data", "eval", "bench"), inputs=("train", "surgery", "export"), run=run)
+STAGE = Stage("bench", sections=("seed", "data", "eval", "bench"), inputs=("train", "surgery", "export"), run=run)

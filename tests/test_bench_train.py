@@ -1,0 +1,59 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import load_config
+from pipeline.data import resolve_root
+
+REPO = Path(__file__).resolve().parents[1]
+# threads=1: a tiny model gains nothing from more threads and slows badly when the cores are shared.
+SETS = ["model.arch=test_resnet", "train.attack.kind=fgsm_rs", "data.download=false", "device=cpu", "threads=1"]
+
+# The reference loop reads torchvision's CIFAR-10 files, which cannot be faked (torchvision checks their MD5s).
+pytestmark = pytest.mark.skipif(not (resolve_root("") / "cifar-10-batches-py").is_dir(),
+                                reason="CIFAR-10 not found (set $PIPELINE_DATA_ROOT)")
+
+
+@pytest.fixture
+def keep_threads():
+    import torch
+
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)  # run_bench applies cfg.threads process-wide
+
+
+def test_run_bench_reports_both_loops(capsys, keep_threads):
+    from pipeline.bench_train import run_bench
+
+    cfg = load_config(None, [*SETS, "train.batch_size=64"])
+    out = run_bench(cfg, images=128, workers=0)
+    assert out["pipeline_images_per_s"] > 0 and out["reference_images_per_s"] > 0
+    assert out["ratio"] == pytest.approx(out["pipeline_images_per_s"] / out["reference_images_per_s"])
+    assert all(len(v) == 2 and min(v) > 0 for v in out["runs_images_per_s"].values())
+    assert (out["model"], out["attack"], out["attack_steps"]) == ("test_resnet", "fgsm_rs", 1)
+    assert (out["batch_size"], out["images"], out["workers"], out["device"]) == (64, 128, 0, "cpu")
+    assert out["threads"] >= 1
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == out
+
+
+def test_cli_bench_train():
+    args = [a for s in SETS for a in ("--set", s)]
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "bench-train", *args, "--images", "128",
+                           "--workers", "0"], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env=os.environ.copy())
+    assert proc.returncode == 0, proc.stderr
+    assert "ratio pipeline/reference:" in proc.stdout
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["ratio"] > 0
+
+
+def test_rejects_bad_image_count():
+    from pipeline.bench_train import run_bench
+    from pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match="--images"):
+        run_bench(load_config(None, SETS), images=0, workers=0)

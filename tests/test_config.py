@@ -1,0 +1,231 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import ConfigError, RunConfig, flatten, load_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write(tmp_path, text, name="cfg.toml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def config_error(path, overrides=()):
+    with pytest.raises(ConfigError) as e:
+        load_config(path, list(overrides))
+    msg = str(e.value)
+    assert "\n" not in msg.strip(), f"not one line: {msg!r}"
+    assert msg.strip(), "empty message"
+    return msg
+
+
+# --------------------------------------------------------------------------- defaults
+
+def test_defaults_are_the_paper_setup():
+    cfg = load_config(None)
+    assert isinstance(cfg, RunConfig)
+    assert cfg.model.arch == "preact_resnet20" and cfg.model.noise_coef == 0.1
+    assert cfg.data.val_size == 5000
+    assert cfg.train.attack.steps == 10 and cfg.train.attack.eps_255 == 8.0 and cfg.train.attack.step_255 == 2.0
+    assert cfg.prune.zero_tol == 1e-15
+
+
+def test_config_is_frozen():
+    cfg = load_config(None)
+    with pytest.raises(Exception):
+        cfg.seed = 3  # type: ignore[misc]
+
+
+# --------------------------------------------------------------------------- unknown keys
+
+def test_unknown_top_level_key(tmp_path):
+    p = write(tmp_path, 'name = "x"\nepochz = 3\n')
+    msg = config_error(p)
+    assert str(p) in msg and "'epochz'" in msg
+
+
+def test_unknown_nested_key(tmp_path):
+    p = write(tmp_path, "[train]\nepochs = 2\n[train.attack]\nkind = \"pgd\"\nx = 1\n")
+    msg = config_error(p)
+    assert str(p) in msg
+    assert "train.attack.x" in msg
+
+
+def test_unknown_section(tmp_path):
+    p = write(tmp_path, "[trian]\nepochs = 2\n")
+    msg = config_error(p)
+    assert str(p) in msg and "trian" in msg
+
+
+# --------------------------------------------------------------------------- types
+
+@pytest.mark.parametrize("text,key,expected,got", [
+    ('[train]\nepochs = "ten"\n', "train.epochs", "int", "str"),
+    ("[train]\nlr = true\n", "train.lr", "float", "bool"),
+    ("[train]\nepochs = 2.5\n", "train.epochs", "int", "float"),
+    ("seed = true\n", "seed", "int", "bool"),
+    ('[data]\ndownload = 1\n', "data.download", "bool", "int"),
+    ('[model]\narch = 20\n', "model.arch", "str", "int"),
+    ('[train]\nlr_milestones = 0.5\n', "train.lr_milestones", "list", "float"),
+    ('[train]\nlr_milestones = [0.5, "x"]\n', "train.lr_milestones[1]", "float", "str"),
+    ('train = 3\n', "train", "table", "int"),
+])
+def test_wrong_type(tmp_path, text, key, expected, got):
+    p = write(tmp_path, text)
+    msg = config_error(p)
+    assert str(p) in msg and key in msg
+    assert f"expected" in msg and expected in msg and got in msg
+
+
+def test_int_accepted_for_float(tmp_path):
+    p = write(tmp_path, "[train]\nlr = 1\n[prune]\nlambda1 = 2\nlr_milestones = [1]\n")
+    cfg = load_config(p)
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+    assert cfg.prune.lambda1 == 2.0 and isinstance(cfg.prune.lambda1, float)
+    assert cfg.prune.lr_milestones == (1.0,) and isinstance(cfg.prune.lr_milestones[0], float)
+
+
+# --------------------------------------------------------------------------- values
+
+@pytest.mark.parametrize("text,key", [
+    ('[prune]\ninit = "x"\n', "prune.init"),
+    ('[train.attack]\nkind = "cw"\n', "train.attack.kind"),
+    ('device = "tpu"\n', "device"),
+    ('[model]\narch = "resnet9000"\n', "model.arch"),
+    ("[model]\nensemble = 0\n", "model.ensemble"),
+    ("[prune]\nlambda1 = -0.1\n", "prune.lambda1"),
+    ("[train]\nlr_milestones = [0.6, 0.4]\n", "train.lr_milestones"),
+    ("[train]\nlr_milestones = [1.5]\n", "train.lr_milestones"),
+])
+def test_bad_value(tmp_path, text, key):
+    p = write(tmp_path, text)
+    msg = config_error(p)
+    assert str(p) in msg and key in msg and "expected" in msg
+
+
+def test_bad_choice_lists_choices(tmp_path):
+    msg = config_error(write(tmp_path, '[prune]\ninit = "x"\n'))
+    assert "finetune" in msg and "scratch" in msg and "'x'" in msg
+
+
+def test_invalid_toml_is_one_line(tmp_path):
+    p = write(tmp_path, "[train\nepochs = = 3\n")
+    msg = config_error(p)
+    assert str(p) in msg and "TOML" in msg
+
+
+def test_missing_file(tmp_path):
+    p = tmp_path / "nope.toml"
+    msg = config_error(p)
+    assert str(p) in msg and "not found" in msg
+
+
+# --------------------------------------------------------------------------- --set overrides
+
+def test_set_overrides(tmp_path):
+    p = write(tmp_path, '[prune]\nlambda1 = 0.05\ninit = "finetune"\n[train.attack]\nkind = "pgd"\n')
+    cfg = load_config(p, ["prune.lambda1=0.5", "prune.init=scratch", "train.lr_milestones=[0.5, 0.75]",
+                          "train.attack.kind=fgsm_rs", "seed=7", 'name="quoted"', "train.epochs = 3",
+                          "data.download=false"])
+    assert cfg.prune.lambda1 == 0.5
+    assert cfg.prune.init == "scratch"                     # bare word -> string
+    assert cfg.train.lr_milestones == (0.5, 0.75)           # TOML list -> tuple
+    assert cfg.train.attack.kind == "fgsm_rs"               # three levels deep
+    assert cfg.seed == 7 and cfg.name == "quoted" and cfg.train.epochs == 3
+    assert cfg.data.download is False
+    # untouched values keep the file's / defaults
+    assert cfg.train.attack.steps == 10
+
+
+def test_set_overrides_defaults_without_file():
+    cfg = load_config(None, ["model.arch=test_resnet", "model.ensemble=2"])
+    assert (cfg.model.arch, cfg.model.ensemble) == ("test_resnet", 2)
+
+
+def test_set_later_wins():
+    assert load_config(None, ["seed=1", "seed=2"]).seed == 2
+
+
+@pytest.mark.parametrize("override,key", [
+    ("prune.lambda=0.1", "prune.lambda"),
+    ("train.attack.x=1", "train.attack.x"),
+    ("train.epochs=ten", "train.epochs"),
+    ("prune.init=x", "prune.init"),
+])
+def test_set_errors_are_config_errors(override, key):
+    msg = config_error(None, [override])
+    assert key in msg
+
+
+@pytest.mark.parametrize("override", ["noequals", "=3", "name.x=1"])
+def test_malformed_set(override):
+    config_error(None, [override])
+
+
+# --------------------------------------------------------------------------- shipped configs
+
+SHIPPED = sorted((REPO / "configs").glob("*.toml")) + sorted((REPO / "configs" / "paper").glob("*.toml"))
+
+
+def test_shipped_configs_exist():
+    assert REPO / "configs" / "smoke.toml" in SHIPPED
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[str(p.relative_to(REPO)) for p in SHIPPED])
+def test_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert flatten(cfg)  # every key resolved
+
+
+def test_smoke_config_is_tiny():
+    cfg = load_config(REPO / "configs" / "smoke.toml")
+    assert cfg.model.arch == "test_resnet"
+    assert cfg.device == "cpu"
+
+
+# --------------------------------------------------------------------------- CLI
+
+def run_cli(args, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def assert_one_line_error(proc):
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("pipeline: error:"), lines[0]
+    return lines[0]
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    """One interpreter start per case is the expensive part; the cases share this test."""
+    bad = write(tmp_path, "[train]\nepochs = \"ten\"\n", "bad.toml")
+    out = tmp_path / "out"
+    line = assert_one_line_error(run_cli(["run", "--config", str(bad), "--out", str(out)], tmp_path))
+    assert str(bad) in line and "train.epochs" in line
+    assert not out.exists()   # nothing created for a config that does not load
+
+    missing = tmp_path / "missing.toml"
+    line = assert_one_line_error(run_cli(["run", "--config", str(missing), "--out", str(out)], tmp_path))
+    assert str(missing) in line
+
+    line = assert_one_line_error(run_cli(["run", "--config", str(REPO / "configs" / "smoke.toml"), "--out", str(out),
+                                          "--set", "prune.lambda9=1"], tmp_path))
+    assert "prune.lambda9" in line
+
+
+def test_cli_show_config(tmp_path):
+    proc = run_cli(["show-config", "--config", str(REPO / "configs" / "smoke.toml"), "--set", "seed=5"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert "seed = 5" in lines
+    assert "model.arch = 'test_resnet'" in lines

@@ -1,0 +1,194 @@
+"""The manifest runner with fast fake stages: skip / rerun logic, failure handling, manifest contents."""
+import json
+from collections import Counter
+
+import pytest
+
+from pipeline.config import load_config
+from pipeline.runner import MANIFEST, Stage, StageResult, run_pipeline
+
+
+class Boom(RuntimeError):
+    pass
+
+
+class Toy:
+    """Three stages: a (section seed) -> b (section prune, reads a) -> c (section bench, reads b)."""
+
+    def __init__(self):
+        self.calls = Counter()
+        self.fail = set()
+
+    def _a(self, ctx):
+        self.calls["a"] += 1
+        p = ctx.out_dir / "a.txt"
+        p.write_text(f"a seed={ctx.cfg.seed}\n")
+        (ctx.out_dir / "sub").mkdir()
+        (ctx.out_dir / "sub" / "extra.txt").write_text("extra\n")
+        return StageResult({"a": p, "extra": ctx.out_dir / "sub" / "extra.txt"}, {"n": 1})
+
+    def _b(self, ctx):
+        self.calls["b"] += 1
+        upstream = ctx.inputs["a"]["a"].read_text()
+        assert ctx.metrics_of["a"] == {"n": 1}
+        if "b" in self.fail:
+            (ctx.out_dir / "partial.txt").write_text("half-written\n")
+            raise Boom("stage b failed")
+        p = ctx.out_dir / "b.txt"
+        p.write_text(upstream + f"b lambda1={ctx.cfg.prune.lambda1}\n")
+        return StageResult({"b": p}, {"lambda1": ctx.cfg.prune.lambda1})
+
+    def _c(self, ctx):
+        self.calls["c"] += 1
+        p = ctx.out_dir / "c.txt"
+        p.write_text(ctx.inputs["b"]["b"].read_text() + f"c runs={ctx.cfg.bench.runs}\n")
+        return StageResult({"c": p})
+
+    @property
+    def stages(self):
+        return [Stage("a", ("seed",), (), self._a),
+                Stage("b", ("prune",), ("a",), self._b),
+                Stage("c", ("bench",), ("b",), self._c)]
+
+    def run(self, run_dir, overrides=()):
+        logs = []
+        before = Counter(self.calls)
+        manifest = run_pipeline(load_config(None, list(overrides)), run_dir, self.stages, log=logs.append)
+        ran = {k for k in "abc" if self.calls[k] > before[k]}
+        return manifest, ran, logs
+
+
+@pytest.fixture
+def toy():
+    return Toy()
+
+
+def read_manifest(run_dir):
+    return json.loads((run_dir / MANIFEST).read_text())
+
+
+def test_first_run_runs_all_then_rerun_skips_all(toy, tmp_path):
+    manifest, ran, logs = toy.run(tmp_path)
+    assert ran == {"a", "b", "c"}
+    assert (tmp_path / "c" / "c.txt").read_text() == "a seed=0\nb lambda1=0.05\nc runs=300\n"
+    assert all(manifest["stages"][s]["status"] == "done" for s in "abc")
+    # what is returned is what was written (tuples become JSON lists)
+    assert read_manifest(tmp_path)["stages"] == json.loads(json.dumps(manifest["stages"], default=str))
+    # no temporary folders left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "c", MANIFEST]
+
+    manifest2, ran, logs = toy.run(tmp_path)
+    assert ran == set()
+    assert [line.split(":")[0] for line in logs] == ["[a] skipped", "[b] skipped", "[c] skipped"]
+    assert toy.calls == Counter(a=1, b=1, c=1)
+
+
+def test_config_change_reruns_from_the_stage_that_uses_it(toy, tmp_path):
+    toy.run(tmp_path)
+    _, ran, logs = toy.run(tmp_path, ["prune.lambda1=0.5"])
+    assert ran == {"b", "c"}
+    assert "[a] skipped" in logs[0] and "[b] running" in logs
+    assert (tmp_path / "c" / "c.txt").read_text() == "a seed=0\nb lambda1=0.5\nc runs=300\n"
+    # a section only the last stage uses
+    _, ran, _ = toy.run(tmp_path, ["prune.lambda1=0.5", "bench.runs=7"])
+    assert ran == {"c"}
+    # a section nobody uses changes nothing
+    _, ran, _ = toy.run(tmp_path, ["prune.lambda1=0.5", "bench.runs=7", "export.opset=17"])
+    assert ran == set()
+    # the first stage's section reruns everything
+    _, ran, _ = toy.run(tmp_path, ["prune.lambda1=0.5", "bench.runs=7", "seed=3"])
+    assert ran == {"a", "b", "c"}
+    # ... and going back to an earlier config is a change too (no stale skip)
+    _, ran, _ = toy.run(tmp_path)
+    assert ran == {"a", "b", "c"}
+    assert (tmp_path / "c" / "c.txt").read_text() == "a seed=0\nb lambda1=0.05\nc runs=300\n"
+
+
+@pytest.mark.parametrize("damage", ["delete", "modify", "delete_nested"])
+def test_damaged_output_reruns_from_its_stage(toy, tmp_path, damage):
+    toy.run(tmp_path)
+    if damage == "delete":
+        (tmp_path / "a" / "a.txt").unlink()
+    elif damage == "modify":
+        (tmp_path / "a" / "a.txt").write_text("tampered\n")
+    else:
+        (tmp_path / "a" / "sub" / "extra.txt").unlink()
+    _, ran, _ = toy.run(tmp_path)
+    assert ran == {"a", "b", "c"}
+    assert (tmp_path / "a" / "a.txt").read_text() == "a seed=0\n"
+
+
+def test_damaged_downstream_output_reruns_only_downstream(toy, tmp_path):
+    toy.run(tmp_path)
+    (tmp_path / "b" / "b.txt").write_text("tampered\n")
+    _, ran, _ = toy.run(tmp_path)
+    assert ran == {"b", "c"}
+
+
+def test_failing_stage_keeps_previous_outputs(toy, tmp_path):
+    toy.run(tmp_path)
+    old_b = (tmp_path / "b" / "b.txt").read_text()
+    old_entry = read_manifest(tmp_path)["stages"]["b"]
+
+    toy.fail.add("b")
+    with pytest.raises(Boom):
+        toy.run(tmp_path, ["prune.lambda1=0.7"])
+    # the previous outputs of b are intact, its half-written new folder is gone
+    assert (tmp_path / "b" / "b.txt").read_text() == old_b
+    assert not (tmp_path / "b" / "partial.txt").exists()
+    assert not (tmp_path / ".b.tmp").exists()
+    manifest = read_manifest(tmp_path)   # valid JSON after the failure
+    assert manifest["stages"]["b"]["status"] == "failed"
+    assert manifest["stages"]["b"]["outputs"] == old_entry["outputs"]
+    assert manifest["stages"]["a"]["status"] == "done"
+    assert manifest["stages"]["c"]["status"] == "done"       # c was never reached
+    assert toy.calls["c"] == 1
+
+    # the same failing config fails again: a failed stage is never skipped
+    with pytest.raises(Boom):
+        toy.run(tmp_path, ["prune.lambda1=0.7"])
+    assert toy.calls["b"] == 3
+
+    # fixed: b and everything after it run; a is still up to date
+    toy.fail.clear()
+    _, ran, _ = toy.run(tmp_path, ["prune.lambda1=0.7"])
+    assert ran == {"b", "c"}
+    assert read_manifest(tmp_path)["stages"]["b"]["status"] == "done"
+    assert "lambda1=0.7" in (tmp_path / "c" / "c.txt").read_text()
+
+
+def test_failure_on_first_run(toy, tmp_path):
+    toy.fail.add("b")
+    with pytest.raises(Boom):
+        toy.run(tmp_path)
+    manifest = read_manifest(tmp_path)
+    assert manifest["stages"]["a"]["status"] == "done"
+    assert manifest["stages"]["b"]["status"] == "failed"
+    assert "c" not in manifest["stages"]
+    assert not (tmp_path / "b").exists()
+
+
+def test_manifest_contents(toy, tmp_path):
+    manifest, _, _ = toy.run(tmp_path, ["prune.lambda1=0.25"])
+    on_disk = read_manifest(tmp_path)
+    for key in ("config", "versions", "git_commit"):
+        assert key in on_disk
+    assert on_disk["config"]["prune"]["lambda1"] == 0.25
+    assert on_disk["config"]["train"]["attack"]["kind"] == "pgd"
+    assert on_disk["versions"]["torch"] and on_disk["versions"]["python"]
+    assert on_disk["git_commit"] is None or isinstance(on_disk["git_commit"], str)
+    b = on_disk["stages"]["b"]
+    assert b["config"] == {"prune": on_disk["config"]["prune"]}
+    assert b["inputs"] == ["a"] and b["metrics"] == {"lambda1": 0.25}
+    assert b["outputs"]["b"]["path"] == "b/b.txt" and len(b["outputs"]["b"]["sha256"]) == 64
+    assert on_disk["stages"]["a"]["outputs"]["extra"]["path"] == "a/sub/extra.txt"
+    import hashlib
+    assert b["outputs"]["b"]["sha256"] == hashlib.sha256((tmp_path / "b" / "b.txt").read_bytes()).hexdigest()
+
+
+def test_corrupt_manifest_costs_a_rerun(toy, tmp_path):
+    toy.run(tmp_path)
+    (tmp_path / MANIFEST).write_text("{not json")
+    _, ran, _ = toy.run(tmp_path)
+    assert ran == {"a", "b", "c"}
+    read_manifest(tmp_path)
