@@ -77,12 +77,12 @@ class LatencyStats:
 
 
 def measure_latency_interleaved(paths: dict[str, str], *, threads: int = 1, batch: int = 1, warmup: int = 20,
-                                runs: int = 100, seed: int = 0) -> dict[str, LatencyStats]:
+                                runs: int = 100, seed: int = 0, optimization: str = "all") -> dict[str, LatencyStats]:
     if not paths:
         raise ValueError("paths is empty")
     if runs < 1 or warmup < 0:
         raise ValueError(f"need runs >= 1 and warmup >= 0, got runs={runs}, warmup={warmup}")
-    sessions = {name: ort_session(p, intra_op_threads=threads, inter_op_threads=1, optimization="all")
+    sessions = {name: ort_session(p, intra_op_threads=threads, inter_op_threads=1, optimization=optimization)
                 for name, p in paths.items()}
     feeds = {}
     x = None

@@ -104,6 +104,9 @@ class BenchConfig:
     warmup: int = 50
     runs: int = 300
     accuracy_subset: int = 0    # 0 = the evaluated test set (data.test_subset)
+    # onnxruntime graph optimisation levels to time. "all" adds the NCHWc layout transform, which pads channel
+    # counts up to the SIMD block (8 or 16): pruned widths that are not multiples of it lose their speedup there.
+    optimizations: tuple[str, ...] = ("all", "extended")
 
 
 @dataclass(frozen=True)
@@ -179,6 +182,10 @@ def _build(cls, data: dict, prefix: str, source: str, overridden: frozenset = fr
 
 def _validate(cfg: RunConfig, source: str) -> None:
     flat = flatten(cfg)
+    levels = ("disable", "basic", "extended", "all")
+    if not flat["bench.optimizations"] or any(o not in levels for o in flat["bench.optimizations"]):
+        raise ConfigError(f"{source}: bench.optimizations: expected a non-empty list from {', '.join(levels)}, "
+                          f"got {list(flat['bench.optimizations'])!r}")
     for key, choices in CHOICES.items():
         if flat[key] not in choices:
             raise ConfigError(f"{source}: {key}: expected one of {', '.join(choices)}, got {flat[key]!r}")

@@ -229,3 +229,10 @@ def test_cli_show_config(tmp_path):
     lines = proc.stdout.splitlines()
     assert "seed = 5" in lines
     assert "model.arch = 'test_resnet'" in lines
+
+
+def test_bench_optimizations_validated(tmp_path):
+    msg = config_error(None, ["bench.optimizations=['all', 'fast']"])
+    assert "bench.optimizations" in msg and "fast" in msg
+    config_error(None, ["bench.optimizations=[]"])
+    assert load_config(None, ["bench.optimizations=['basic']"]).bench.optimizations == ("basic",)

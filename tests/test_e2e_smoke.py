@@ -112,6 +112,8 @@ def test_report_fields(smoke):
                 assert field in lat, field
             assert 0 < lat["p50_ms"] <= lat["p90_ms"]
             assert lat["threads"] == 1 and lat["batch"] == 1
+        # One entry per configured ORT optimisation level (default: all, extended).
+        assert [lat["graph_optimization"] for lat in m["latency"]] == ["all", "extended"]
     for field in ("max_abs_diff", "removed_channels", "zero_channels"):
         assert field in r["surgery"]
 

@@ -28,17 +28,20 @@ def run(ctx: StageContext) -> StageResult:
                              "difference_pt": ort_acc - torch_acc}
         ctx.log(f"{variant}: accuracy torch(noise off) {torch_acc:.2f}% vs onnxruntime {ort_acc:.2f}% "
                 f"on {len(test)} test images")
-    stats = measure_latency_interleaved({k: str(v) for k, v in paths.items()}, threads=b.threads, batch=b.batch,
-                                        warmup=b.warmup, runs=b.runs, seed=cfg.seed)
     host = host_device_description()
-    latency = {}
-    for variant, s in stats.items():
-        latency[variant] = [{**host, "runtime": f"onnxruntime {onnxruntime.__version__} CPUExecutionProvider",
-                             "threads": s.threads, "batch": s.batch, "p50_ms": s.p50_ms, "p90_ms": s.p90_ms,
-                             "mean_ms": s.mean_ms, "runs": s.runs}]
-    speedup = stats["dense"].p50_ms / stats["pruned"].p50_ms
-    ctx.log(f"latency p50 dense {stats['dense'].p50_ms:.3f} ms, pruned {stats['pruned'].p50_ms:.3f} ms "
-            f"(x{speedup:.2f}), batch {b.batch}, {b.threads} thread(s), {host['cpu']}")
+    runtime = f"onnxruntime {onnxruntime.__version__} CPUExecutionProvider"
+    latency = {variant: [] for variant in paths}
+    speedup = {}
+    for level in b.optimizations:
+        stats = measure_latency_interleaved({k: str(v) for k, v in paths.items()}, threads=b.threads, batch=b.batch,
+                                            warmup=b.warmup, runs=b.runs, seed=cfg.seed, optimization=level)
+        for variant, s in stats.items():
+            latency[variant].append({**host, "runtime": runtime, "graph_optimization": level, "threads": s.threads,
+                                     "batch": s.batch, "p50_ms": s.p50_ms, "p90_ms": s.p90_ms,
+                                     "mean_ms": s.mean_ms, "runs": s.runs})
+        speedup[level] = stats["dense"].p50_ms / stats["pruned"].p50_ms
+        ctx.log(f"latency p50 ({level}) dense {stats['dense'].p50_ms:.3f} ms, pruned {stats['pruned'].p50_ms:.3f} ms "
+                f"(x{speedup[level]:.2f}), batch {b.batch}, {b.threads} thread(s), {host['cpu']}")
     metrics = {"accuracy": accuracy, "latency": latency, "speedup_p50": speedup}
     write_json(ctx.out_dir / "bench.json", metrics)
     return StageResult({"bench": ctx.out_dir / "bench.json"}, metrics)
