@@ -14,8 +14,10 @@ from .data import Split, batches
 
 
 def step_lr(epoch: int, *, base_lr: float, epochs: int, milestones: tuple[float, ...], gamma: float) -> float:
-    """Step decay at fractions of the run, e.g. (0.4, 0.6, 0.8) of 200 epochs = the paper's 80/120/160."""
-    passed = sum(epoch >= round(m * epochs) for m in milestones)
+    """Step decay at fractions of the run, e.g. (0.4, 0.6, 0.8) of 200 epochs = the paper's 80/120/160.
+
+    A milestone never falls on epoch 0: a short run starts at ``base_lr`` however the fractions round."""
+    passed = sum(epoch >= max(1, round(m * epochs)) for m in milestones)
     return base_lr * gamma ** passed
 
 
