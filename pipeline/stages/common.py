@@ -43,7 +43,7 @@ def model_kwargs(cfg: RunConfig) -> dict:
     return {"ensemble": cfg.model.ensemble, "noise_coef": cfg.model.noise_coef}
 
 
-def test_metrics(model, test: Split, cfg: RunConfig, device, generator: torch.Generator, log) -> dict:
+def test_set_metrics(model, test: Split, cfg: RunConfig, device, generator: torch.Generator, log) -> dict:
     """Natural and PGD accuracy on the test set: with the model's noise as trained (the paper's numbers),
     with EOT when the model is stochastic, and with noise off (what the exported graph computes)."""
     from ..algorithms.attacks import pgd

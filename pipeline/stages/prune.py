@@ -12,7 +12,7 @@ from ..algorithms.sparsity import conv_input_groups
 from ..runio import load_model, save_model
 from ..runner import Stage, StageContext, StageResult
 from ..training import set_lr, step_lr, train_epoch
-from .common import data_splits, device_of, model_kwargs, seed_everything, test_metrics
+from .common import data_splits, device_of, model_kwargs, seed_everything, test_set_metrics
 from .train import make_optimizer, sparsity_metrics, training_attack, validate
 
 
@@ -56,7 +56,7 @@ def run(ctx: StageContext) -> StageResult:
     metrics = {"threshold": sparsifier.threshold, "sparsifier": sparsifier.state_dict(),
                "val": {k: last[k] for k in ("val_natural", "val_robust") if k in last},
                **sparsity_metrics(model, p.zero_tol),
-               "test": test_metrics(model, test, cfg, device, generator, ctx.log)}
+               "test": test_set_metrics(model, test, cfg, device, generator, ctx.log)}
     return StageResult(outputs, metrics)
 
 

@@ -12,7 +12,7 @@ from ..algorithms.sparsity import PAPER_ZERO_TOL, channel_sparsity, weight_spars
 from ..runio import save_model
 from ..runner import Stage, StageContext, StageResult
 from ..training import evaluate, set_lr, snapshot, step_lr, train_epoch
-from .common import data_splits, device_of, model_kwargs, seed_everything, test_metrics
+from .common import data_splits, device_of, model_kwargs, seed_everything, test_set_metrics
 
 
 def training_attack(cfg):
@@ -81,7 +81,7 @@ def run(ctx: StageContext) -> StageResult:
                "train_images_per_s": sum(json.loads(x)["images_per_s"] for x in log_lines) / len(log_lines),
                "params": sum(p.numel() for p in model.parameters()),
                **sparsity_metrics(model, PAPER_ZERO_TOL),
-               "test": test_metrics(model, test, cfg, device, generator, ctx.log)}
+               "test": test_set_metrics(model, test, cfg, device, generator, ctx.log)}
     return StageResult(outputs, metrics)
 
 
