@@ -29,9 +29,6 @@ class Split:
         idx = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:n]
         return Split(self.images[idx], self.labels[idx])
 
-    def to(self, device) -> "Split":
-        return Split(self.images.to(device), self.labels.to(device))
-
 
 def resolve_root(root: str) -> Path:
     if root:

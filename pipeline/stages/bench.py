@@ -2,8 +2,7 @@
 batch latency with the dense and pruned graphs timed interleaved in one process."""
 from __future__ import annotations
 
-import onnxruntime
-
+from ..data import to_float
 from ..runio import load_model, write_json
 from ..runner import Stage, StageContext, StageResult
 from ..training import evaluate
@@ -11,12 +10,14 @@ from .common import data_splits
 
 
 def run(ctx: StageContext) -> StageResult:
+    import onnxruntime
+
     from export import host_device_description, measure_latency_interleaved, ort_accuracy, ort_session
 
     cfg, b = ctx.cfg, ctx.cfg.bench
     _, _, test = data_splits(cfg)
     test = test.subset(b.accuracy_subset, cfg.data.split_seed + 4)
-    images, labels = test.images.float() / 255.0, test.labels
+    images, labels = to_float(test.images), test.labels
     paths = {"dense": ctx.inputs["export"]["dense_onnx"], "pruned": ctx.inputs["export"]["pruned_onnx"]}
     sources = {"dense": "train", "pruned": "surgery"}
     accuracy = {}
