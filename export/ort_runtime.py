@@ -77,12 +77,19 @@ class LatencyStats:
 
 
 def measure_latency_interleaved(paths: dict[str, str], *, threads: int = 1, batch: int = 1, warmup: int = 20,
-                                runs: int = 100, seed: int = 0, optimization: str = "all") -> dict[str, LatencyStats]:
+                                runs: int = 100, seed: int = 0, optimization: str = "all",
+                                levels: dict[str, str] | None = None) -> dict[str, LatencyStats]:
+    """p50/p90/mean latency of each named ONNX file on the same random input, timed round-robin.
+
+    ``levels`` (name -> graph optimisation level) overrides ``optimization`` per name, so one file can
+    appear several times under different levels and every (file, level) pair is timed side by side."""
     if not paths:
         raise ValueError("paths is empty")
     if runs < 1 or warmup < 0:
         raise ValueError(f"need runs >= 1 and warmup >= 0, got runs={runs}, warmup={warmup}")
-    sessions = {name: ort_session(p, intra_op_threads=threads, inter_op_threads=1, optimization=optimization)
+    levels = levels or {}
+    sessions = {name: ort_session(p, intra_op_threads=threads, inter_op_threads=1,
+                                  optimization=levels.get(name, optimization))
                 for name, p in paths.items()}
     feeds = {}
     x = None

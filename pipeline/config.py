@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +63,12 @@ class TrainConfig:
 @dataclass(frozen=True)
 class PruneConfig:
     method: str = "rgsm"
+    # "paper": groups are conv input-channel slices (the paper's RGSM). "coupled": one group per removable
+    # channel (DependencyGraph: producers' filters, BN entries, every reader's slice), so sparsity = removability.
+    groups: str = "paper"
+    # Kept channels per coupled family: a multiple of this (never below it), so pruned widths match the SIMD
+    # block of the target's conv kernels. "auto" = the host's onnxruntime NCHWc block (see pipeline/hardware.py).
+    align: int | str = 1
     init: str = "finetune"      # "finetune" (start from the train checkpoint) | "scratch" (paper's from-scratch mode)
     beta: float = 1.0
     lambda1: float = 0.05       # group l0 weight: threshold sqrt(2*lambda1/beta)
@@ -99,14 +106,15 @@ class ExportConfig:
 
 @dataclass(frozen=True)
 class BenchConfig:
-    threads: int = 1
-    batch: int = 1
+    threads: tuple[int, ...] = (1, 0)     # onnxruntime intra-op threads to time; 0 = all cores
+    batches: tuple[int, ...] = (1, 32)
     warmup: int = 50
     runs: int = 300
     accuracy_subset: int = 0    # 0 = the evaluated test set (data.test_subset)
     # onnxruntime graph optimisation levels to time. "all" adds the NCHWc layout transform, which pads channel
     # counts up to the SIMD block (8 or 16): pruned widths that are not multiples of it lose their speedup there.
-    optimizations: tuple[str, ...] = ("all", "extended")
+    # Every level is timed and the best one per artifact is the headline (dense-best / pruned-best).
+    optimizations: tuple[str, ...] = ("disable", "basic", "extended", "all")
 
 
 @dataclass(frozen=True)
@@ -129,6 +137,7 @@ CHOICES = {
     "device": ("auto", "cpu", "cuda"),
     "train.attack.kind": ("pgd", "fgsm_rs", "none"),
     "prune.method": ("rgsm",),
+    "prune.groups": ("paper", "coupled"),
     "prune.init": ("finetune", "scratch"),
 }
 NON_NEGATIVE = {"threads", "data.val_size", "data.train_subset", "data.test_subset", "train.attack.steps",
@@ -137,7 +146,7 @@ NON_NEGATIVE = {"threads", "data.val_size", "data.train_subset", "data.test_subs
                 "eval.eps_255", "bench.warmup"}
 POSITIVE = {"train.attack.step_255", "eval.step_255", "export.parity_tol", "prune.zero_tol", "surgery.tol",
             "model.ensemble", "train.epochs", "train.batch_size", "train.lr", "prune.epochs", "prune.lr",
-            "prune.beta", "eval.batch_size", "eval.eot_samples", "bench.threads", "bench.batch", "bench.runs", "export.opset"}
+            "prune.beta", "eval.batch_size", "eval.eot_samples", "bench.runs", "export.opset"}
 
 
 def _type_name(t) -> str:
@@ -146,6 +155,13 @@ def _type_name(t) -> str:
 
 def _coerce(value, hint, where: str, source: str):
     origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        for option in options:
+            if isinstance(value, option) and not (option in (int, float) and isinstance(value, bool)):
+                return value
+        raise ConfigError(f"{source}: {where}: expected {' or '.join(_type_name(o) for o in options)}, "
+                          f"got {type(value).__name__} ({value!r})")
     if origin is tuple:
         (elem, _) = typing.get_args(hint)
         if not isinstance(value, (list, tuple)):
@@ -195,6 +211,17 @@ def _validate(cfg: RunConfig, source: str) -> None:
     for key in POSITIVE:
         if flat[key] <= 0:
             raise ConfigError(f"{source}: {key}: expected > 0, got {flat[key]!r}")
+    align = cfg.prune.align
+    if not (align == "auto" or isinstance(align, int) and align >= 1):
+        raise ConfigError(f"{source}: prune.align: expected a positive integer or \"auto\", got {align!r}")
+    if align != 1 and cfg.prune.groups != "coupled":
+        raise ConfigError(f"{source}: prune.align: {align!r} needs prune.groups = \"coupled\" "
+                          f"(paper groups are conv input slices, not whole channels), got {cfg.prune.groups!r}")
+    for key, minimum in (("bench.threads", 0), ("bench.batches", 1)):
+        values = flat[key]
+        if not values or any(v < minimum for v in values):
+            raise ConfigError(f"{source}: {key}: expected a non-empty list of integers >= {minimum}, "
+                              f"got {list(values)!r}")
     for key in ("train.lr_milestones", "prune.lr_milestones"):
         ms = flat[key]
         if any(not 0 < m <= 1 for m in ms) or list(ms) != sorted(ms):

@@ -236,3 +236,27 @@ def test_bench_optimizations_validated(tmp_path):
     assert "bench.optimizations" in msg and "fast" in msg
     config_error(None, ["bench.optimizations=[]"])
     assert load_config(None, ["bench.optimizations=['basic']"]).bench.optimizations == ("basic",)
+
+
+def test_prune_groups_and_align_validated():
+    assert load_config(None).prune.groups == "paper" and load_config(None).prune.align == 1
+    cfg = load_config(None, ["prune.groups=coupled", "prune.align=auto"])
+    assert (cfg.prune.groups, cfg.prune.align) == ("coupled", "auto")
+    assert load_config(None, ["prune.groups=coupled", "prune.align=16"]).prune.align == 16
+    assert "prune.groups" in config_error(None, ["prune.groups=layer"])
+    for bad in ("0", "-8", "'fast'", "1.5", "true"):
+        msg = config_error(None, ["prune.groups=coupled", f"prune.align={bad}"])
+        assert "prune.align" in msg, (bad, msg)
+    # alignment is a property of whole channels: the paper's input-slice groups cannot honour it
+    msg = config_error(None, ["prune.align=16"])
+    assert "prune.align" in msg and "coupled" in msg
+
+
+def test_bench_threads_and_batches_are_lists():
+    b = load_config(None).bench
+    assert (b.threads, b.batches) == ((1, 0), (1, 32))
+    assert load_config(None, ["bench.threads=[2]", "bench.batches=[1, 8]"]).bench.batches == (1, 8)
+    assert "bench.threads" in config_error(None, ["bench.threads=2"])
+    assert "bench.threads" in config_error(None, ["bench.threads=[-1]"])
+    assert "bench.batches" in config_error(None, ["bench.batches=[]"])
+    assert "bench.batches" in config_error(None, ["bench.batches=[0]"])

@@ -1,20 +1,48 @@
 """Relaxed Group-wise Splitting Method (RGSM) for channel pruning.
 
-Each conv weight W [C_out, C_in, k, k] is split into groups W[:, i] (its input channels). With
-u = H(w), the group hard threshold at sqrt(2·lambda1/beta), one training step is
+The weights are split into groups g (``ChannelFamily`` groups: the paper's conv input-channel slices, or
+coupled removable channels). With u = prox(w), one training step is
 
-    loss + lambda2·Σ_g ||w_g||_2          (group lasso, via ``regularize`` after backward)
+    loss + Σ_g lambda2_g·||w_g||_2        (group lasso, via ``regularize`` after backward)
     optimizer.step()
     w <- w - lr·beta·(w - u)              (``pull``, after the optimizer step)
 
 and at every epoch end w <- u (``project``). Shaped like Torch-Pruning's regularizers: plain tensors in,
 no I/O, and a ``state_dict`` so a run can be checkpointed mid-way.
+
+The prox: u = argmin_v  Σ_g lambda1_g·[v_g ≠ 0] + (beta/2)·||v - w||²
+-------------------------------------------------------------------
+Within one family all groups have the same size, hence the same lambda1_g = lam. A kept group costs lam
+and is best left unchanged (v_g = w_g); a dropped group costs (beta/2)·||w_g||². So for a fixed number k
+of kept groups the best choice is the k largest norms, and
+
+    cost(k) = lam·k + (beta/2)·Σ_{i > k} s_(i),     s_(1) >= s_(2) >= ... the sorted squared norms.
+
+Unconstrained (k in 0..n) the increments lam - (beta/2)·s_(k+1) grow with k, so the minimum keeps exactly
+the groups with ||w_g|| > sqrt(2·lam/beta): the paper's group hard threshold. With ``align`` a the family's
+width must stay usable by the hardware: k ranges over the multiples of a (and n itself, the dense width)
+that are >= ``min_keep``, and the minimiser is found by evaluating cost(k) on that set from the prefix sums
+(ties go to the smaller k, which for a = 1 is the hard threshold's "<= is dropped"). ``project`` applies
+the same rule, so the final widths are aligned.
+
+Group sizes: coupled groups differ in size between families (a residual channel of stage 3 spans five
+conv slices, a block-internal one two). With ``reference_size`` n_ref set, a group of n_g scalars gets
+lambda1_g = lambda1·n_g/n_ref -- i.e. its threshold scales by sqrt(n_g/n_ref): the l0 term then prices
+every removed *weight* alike (lambda1 per n_ref weights), and a group of iid weights of a given RMS is
+judged the same whatever its size. The group lasso weight scales by sqrt(n_g/n_ref) (Yuan & Lin, 2006).
+Without ``reference_size`` (the paper's grouping) every group gets lambda1 and lambda2 unchanged.
+
+Coupled groups overlap (a conv weight element belongs to its output channel's group and its input
+channel's group). Each family's decision is made on the current w, and u zeroes every element that any
+dropped group contains -- the exact prox for disjoint groups, its usual approximation for overlapping ones.
 """
 from __future__ import annotations
 
 import math
 
 import torch
+
+from .groups import ChannelFamily, input_channel_families
 
 
 def group_hard_threshold(weight: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -33,48 +61,122 @@ def group_lasso_grad(weight: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
     return weight * scale.view(shape)
 
 
+def allowed_widths(n: int, align: int = 1, min_keep: int = 0) -> list[int]:
+    """Kept-group counts the aligned prox may choose: multiples of ``align`` >= ``min_keep``, and ``n``."""
+    return [k for k in range(n + 1) if (k % align == 0 and k >= min(min_keep, n)) or k == n]
+
+
+def aligned_group_l0_keep(sq_norms: torch.Tensor, lam: float, beta: float, align: int = 1,
+                          min_keep: int = 0) -> torch.Tensor:
+    """Boolean mask of the groups the aligned group-l0 prox keeps (derivation in the module docstring)."""
+    if align < 1:
+        raise ValueError(f"align must be >= 1, got {align}")
+    n = sq_norms.numel()
+    s = sq_norms.detach().double().cpu()
+    order = torch.sort(s, descending=True, stable=True).indices
+    dropped_after = s.sum() - torch.cat([torch.zeros(1, dtype=s.dtype), torch.cumsum(s[order], 0)])
+    ks = torch.tensor(allowed_widths(n, align, min_keep))
+    cost = lam * ks.double() + 0.5 * beta * dropped_after[ks]
+    k = int(ks[int(torch.argmin(cost))])   # argmin returns the first minimum: ties keep fewer groups
+    keep = torch.zeros(n, dtype=torch.bool)
+    keep[order[:k]] = True
+    return keep.to(sq_norms.device)
+
+
 class RGSM:
-    def __init__(self, weights: list[torch.Tensor], *, beta: float, lambda1: float, lambda2: float):
-        if beta <= 0:
+    """RGSM over ``groups``: a list of ``ChannelFamily`` or, for the paper's grouping, bare conv weights."""
+
+    def __init__(self, groups, *, beta: float, lambda1: float, lambda2: float, align: int = 1, min_keep: int = 0,
+                 reference_size: float | None = None):
+        if not beta > 0:
             raise ValueError(f"beta must be > 0, got {beta}")
-        self.weights = list(weights)
+        groups = list(groups)
+        self.families: list[ChannelFamily] = (
+            groups if all(isinstance(g, ChannelFamily) for g in groups) else input_channel_families(groups))
         self.beta = float(beta)
         self.lambda1 = float(lambda1)
         self.lambda2 = float(lambda2)
+        self.align = int(align)
+        self.min_keep = int(min_keep)
+        self.reference_size = None if reference_size is None else float(reference_size)
         self.projections = 0
 
     @property
+    def weights(self) -> list[torch.Tensor]:
+        seen = {}
+        for f in self.families:
+            for s in f.slices:
+                seen.setdefault(id(s.tensor), s.tensor)
+        return list(seen.values())
+
+    def size_scale(self, family: ChannelFamily) -> float:
+        return 1.0 if self.reference_size is None else family.group_size / self.reference_size
+
+    @property
     def threshold(self) -> float:
+        """The group-norm threshold sqrt(2·lambda1/beta) of a group of the reference size."""
         return math.sqrt(2.0 * self.lambda1 / self.beta)
+
+    def family_threshold(self, family: ChannelFamily) -> float:
+        return self.threshold * math.sqrt(self.size_scale(family))
+
+    @torch.no_grad()
+    def keep_masks(self) -> list[torch.Tensor]:
+        """Per family, which groups u keeps (computed from the current w)."""
+        return [aligned_group_l0_keep(f.sq_norms(), self.lambda1 * self.size_scale(f), self.beta, self.align,
+                                      self.min_keep) for f in self.families]
+
+    @torch.no_grad()
+    def _u_masks(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(tensor, 0/1 mask of its shape) with u = tensor * mask."""
+        masks: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for family, keep in zip(self.families, self.keep_masks()):
+            if bool(keep.all()):
+                continue
+            for s in family.slices:
+                t, m = masks.get(id(s.tensor), (s.tensor, None))
+                factor = s.along_dim(keep, fill=1.0)
+                masks[id(s.tensor)] = (t, factor if m is None else m * factor)
+        return list(masks.values())
 
     @torch.no_grad()
     def regularize(self) -> None:
-        """Add lambda2·∂Σ||w_g|| to each weight's gradient. Call after ``backward()``, before ``step()``."""
+        """Add ∂ Σ_g lambda2_g·||w_g|| to the gradients. Call after ``backward()``, before ``step()``."""
         if self.lambda2 == 0:
             return
-        for w in self.weights:
-            if w.grad is None:
-                w.grad = torch.zeros_like(w)
-            w.grad.add_(group_lasso_grad(w), alpha=self.lambda2)
+        for family in self.families:
+            norms = family.sq_norms().sqrt()
+            weight = self.lambda2 * math.sqrt(self.size_scale(family))
+            scale = torch.where(norms > 0, weight / norms.clamp_min(1e-30), torch.zeros_like(norms))
+            for s in family.slices:
+                t = s.tensor
+                if t.grad is None:
+                    t.grad = torch.zeros_like(t)
+                t.grad.add_(t * s.along_dim(scale, fill=0.0))
 
     @torch.no_grad()
     def pull(self, lr: float) -> None:
         """w <- w - lr·beta·(w - u): relax w toward its group-sparse copy. Call after ``optimizer.step()``."""
-        for w in self.weights:
-            u = group_hard_threshold(w, self.threshold)
-            w.sub_(w - u, alpha=lr * self.beta)
+        for t, mask in self._u_masks():
+            t.sub_(t * (1 - mask), alpha=lr * self.beta)
 
     @torch.no_grad()
     def project(self) -> None:
         """w <- u. Call at every epoch end."""
-        for w in self.weights:
-            w.copy_(group_hard_threshold(w, self.threshold))
+        for t, mask in self._u_masks():
+            t.mul_(mask)
         self.projections += 1
 
+    def kept_widths(self) -> dict[str, int]:
+        """Family name -> number of nonzero groups now."""
+        return {f.name: int((f.sq_norms() > 0).sum()) for f in self.families}
+
     def state_dict(self) -> dict:
-        return {"beta": self.beta, "lambda1": self.lambda1, "lambda2": self.lambda2,
-                "projections": self.projections}
+        return {"beta": self.beta, "lambda1": self.lambda1, "lambda2": self.lambda2, "align": self.align,
+                "min_keep": self.min_keep, "reference_size": self.reference_size, "projections": self.projections}
 
     def load_state_dict(self, state: dict) -> None:
         self.beta, self.lambda1, self.lambda2 = state["beta"], state["lambda1"], state["lambda2"]
+        self.align, self.min_keep = state.get("align", 1), state.get("min_keep", 0)
+        self.reference_size = state.get("reference_size")
         self.projections = state["projections"]

@@ -7,8 +7,9 @@ import torch
 
 from models import create_model, describe
 
+from ..algorithms.groups import coupled_families, paper_families, reference_group_size
 from ..algorithms.rgsm import RGSM
-from ..algorithms.sparsity import conv_input_groups
+from ..hardware import resolve_align
 from ..runio import load_model, save_model
 from ..runner import Stage, StageContext, StageResult
 from ..training import set_lr, step_lr, train_epoch
@@ -30,9 +31,10 @@ def run(ctx: StageContext) -> StageResult:
     else:
         model = create_model(cfg.model.arch, **model_kwargs(cfg)).to(device)
         ctx.log("pruning from initialisation")
-    # Every conv of every member, stem and 1x1 shortcuts included: groups are their input channels.
-    sparsifier = RGSM([w for _, w in conv_input_groups(model)], beta=p.beta, lambda1=p.lambda1, lambda2=p.lambda2)
-    ctx.log(f"RGSM threshold sqrt(2*{p.lambda1}/{p.beta}) = {sparsifier.threshold:.4g}")
+    sparsifier = make_sparsifier(model, cfg, device)
+    ctx.log(f"RGSM ({p.groups} groups, {len(sparsifier.families)} families, align {sparsifier.align}) "
+            f"threshold sqrt(2*{p.lambda1}/{p.beta}) = {sparsifier.threshold:.4g}"
+            + (f" for a group of {sparsifier.reference_size:.0f} weights" if sparsifier.reference_size else ""))
     optimizer = make_optimizer(model, cfg, p.lr)
     attack = training_attack(cfg)
     log_lines = []
@@ -44,6 +46,8 @@ def run(ctx: StageContext) -> StageResult:
         sparsifier.project()
         stats.update(validate(model, val_eval, cfg, device, generator))
         stats.update(sparsity_metrics(model, p.zero_tol))
+        if p.groups == "coupled":
+            stats["kept_channels"] = sum(sparsifier.kept_widths().values())
         stats["epoch"] = epoch + 1
         log_lines.append(json.dumps(stats))
         ctx.log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in stats.items()))
@@ -53,11 +57,26 @@ def run(ctx: StageContext) -> StageResult:
     outputs = save_model(model, describe(model, cfg.model.arch, model_kwargs(cfg)), ctx.out_dir)
     outputs["epochs_log"] = ctx.out_dir / "epochs.jsonl"
     last = json.loads(log_lines[-1]) if log_lines else {}
-    metrics = {"threshold": sparsifier.threshold, "sparsifier": sparsifier.state_dict(),
+    metrics = {"threshold": sparsifier.threshold, "sparsifier": sparsifier.state_dict(), "groups": p.groups,
+               "align": sparsifier.align, "family_widths": sparsifier.kept_widths(),
                "val": {k: last[k] for k in ("val_natural", "val_robust") if k in last},
                **sparsity_metrics(model, p.zero_tol),
                "test": test_set_metrics(model, test, cfg, device, generator, ctx.log)}
     return StageResult(outputs, metrics)
+
+
+def make_sparsifier(model, cfg, device) -> RGSM:
+    """The paper's groups (every conv's input channels, stem and 1x1 shortcuts included), or coupled
+    removable channels with size-scaled lambdas and widths kept at a multiple of the hardware block."""
+    p = cfg.prune
+    if p.groups == "paper":
+        return RGSM(paper_families(model), beta=p.beta, lambda1=p.lambda1, lambda2=p.lambda2)
+    align = resolve_align(p.align)
+    example = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
+    # min_keep = align: a family never drops below one block, so no layer reaches width 0 and surgery never
+    # has to keep a zero channel for shape (which would break the alignment).
+    return RGSM(coupled_families(model, example), beta=p.beta, lambda1=p.lambda1, lambda2=p.lambda2,
+                align=align, min_keep=align, reference_size=reference_group_size(model))
 
 
 STAGE = Stage("prune", sections=("seed", "data", "model", "train", "prune", "eval"), inputs=("train",), run=run)

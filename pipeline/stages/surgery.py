@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
 
 from models import describe
 
@@ -31,10 +32,25 @@ def run(ctx: StageContext) -> StageResult:
                # The paper's figures describe the masked model that surgery started from.
                "channel_sparsity": 100.0 * result.zero_channels / result.total_channels,
                "weight_sparsity": 100.0 * zero_w / total_w}
+    metrics["layers"] = layer_widths(masked, pruned)
     ctx.log(f"removed {result.removed_channels}/{result.zero_channels} zero channels, "
             f"params {params_before} -> {params_after}, MACs {macs_before} -> {macs_after}, "
             f"max|dlogits| {result.max_abs_diff:.2e}")
     return StageResult(outputs, metrics)
+
+
+def layer_widths(dense: nn.Module, pruned: nn.Module) -> list[dict]:
+    """Input/output channels of every conv and linear layer, before and after surgery."""
+    after = dict(pruned.named_modules())
+    rows = []
+    for name, m in dense.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            p = after[name]
+            dims = (lambda x: (x.in_channels, x.out_channels)) if isinstance(m, nn.Conv2d) else \
+                (lambda x: (x.in_features, x.out_features))
+            (din, dout), (pin, pout) = dims(m), dims(p)
+            rows.append({"name": name, "in_dense": din, "in_pruned": pin, "out_dense": dout, "out_pruned": pout})
+    return rows
 
 
 STAGE = Stage("surgery", sections=("surgery",), inputs=("prune",), run=run)

@@ -1,0 +1,156 @@
+"""Channel families: which weight slices RGSM treats as one group, and which groups share one width.
+
+A *family* is one channel dimension of the network, ``width`` channels wide; group ``j`` of the family is
+the set of weight slices that belong to channel ``j``. Two groupings:
+
+- ``paper``: every conv weight ``W [C_out, C_in, k, k]`` is a family of its ``C_in`` input slices
+  ``W[:, i]`` -- the paper's RGSM groups (675 per ResNet20). A zero group does not make the channel
+  removable unless every other reader of that channel is zero too.
+- ``coupled``: one family per torch-pruning DependencyGraph pruning group rooted at a conv's output
+  channels. Group ``j`` spans everything that must go when channel ``j`` is removed: the producing convs'
+  output filters, the BN entries (weight and bias), and every consumer's input slice (conv input slices,
+  the classifier's input column). A residual-stream channel of a stage is therefore one group spanning
+  the stage's stem/conv2/shortcut outputs, its BNs and all its readers. A zero group is a removable channel.
+
+The network's interface is never a family: the stem's RGB input has no producer conv, and a dimension
+that reaches a linear layer's *outputs* (the logits) is skipped.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+
+@dataclass(frozen=True)
+class Slice:
+    """``tensor`` indexed along ``dim``: family channel ``j`` is ``tensor.select(dim, index[j])``."""
+    name: str
+    tensor: torch.Tensor
+    dim: int
+    index: torch.Tensor   # long, len = family width
+
+    def sq_norms(self) -> torch.Tensor:
+        t = self.tensor.detach()
+        dims = [d for d in range(t.dim()) if d != self.dim]
+        per_position = t.pow(2).sum(dim=dims) if dims else t.pow(2)
+        return per_position[self.index]
+
+    def view_shape(self) -> list[int]:
+        shape = [1] * self.tensor.dim()
+        shape[self.dim] = -1
+        return shape
+
+    def along_dim(self, values: torch.Tensor, fill: float) -> torch.Tensor:
+        """A vector over the whole of ``dim`` holding ``values`` at the family's positions, ``fill`` elsewhere."""
+        out = torch.full((self.tensor.shape[self.dim],), fill, dtype=self.tensor.dtype, device=self.tensor.device)
+        out[self.index] = values.to(out.dtype)
+        return out.view(self.view_shape())
+
+    @property
+    def group_numel(self) -> int:
+        return self.tensor.numel() // self.tensor.shape[self.dim]
+
+
+@dataclass(frozen=True)
+class ChannelFamily:
+    name: str
+    width: int
+    slices: tuple[Slice, ...]
+
+    def sq_norms(self) -> torch.Tensor:
+        """Squared l2 norm of each of the ``width`` groups over all of its slices."""
+        return sum(s.sq_norms() for s in self.slices)
+
+    @property
+    def group_size(self) -> int:
+        """Scalars in one group (all groups of a family have the same size)."""
+        return sum(s.group_numel for s in self.slices)
+
+
+def paper_families(model: nn.Module) -> list[ChannelFamily]:
+    """The paper's groups: the input-channel slices of every Conv2d, stem and 1x1 shortcuts included."""
+    out = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            idx = torch.arange(m.weight.shape[1], device=m.weight.device)
+            out.append(ChannelFamily(name, m.weight.shape[1], (Slice(f"{name}.weight", m.weight, 1, idx),)))
+    return out
+
+
+def input_channel_families(weights: list[torch.Tensor]) -> list[ChannelFamily]:
+    """Paper groups for bare weight tensors (no module names)."""
+    return [ChannelFamily(f"weight{i}", w.shape[1],
+                          (Slice(f"weight{i}", w, 1, torch.arange(w.shape[1], device=w.device)),))
+            for i, w in enumerate(weights)]
+
+
+def coupled_families(model: nn.Module, example_input: torch.Tensor) -> list[ChannelFamily]:
+    """One family per DependencyGraph pruning group of conv output channels (see the module docstring).
+
+    Builds the graph with the residual noise off (``std()`` would couple every channel) and restores the
+    model's train/eval modes, which graph building changes.
+    """
+    import torch_pruning as tp
+
+    from models import noise_disabled
+
+    modes = {m: m.training for m in model.modules()}
+    try:
+        with noise_disabled(model), torch.enable_grad():
+            dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_input, verbose=False)
+            groups = list(dg.get_all_groups(root_module_types=(nn.Conv2d,)))
+            return [f for f in (_family(g, dg, model) for g in groups) if f is not None]
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
+def _family(group, dg, model: nn.Module) -> ChannelFamily | None:
+    import torch_pruning as tp
+
+    names = {m: n for n, m in model.named_modules()}
+    root = group[0].dep.target.module
+    width = root.out_channels
+    slices: dict[tuple[str, int], Slice] = {}
+
+    def add(module, attr: str, dim: int, idxs, roots):
+        param = getattr(module, attr, None)
+        if param is None:
+            return
+        index = torch.empty(width, dtype=torch.long)
+        index[torch.as_tensor(list(roots), dtype=torch.long)] = torch.as_tensor(list(idxs), dtype=torch.long)
+        name = f"{names[module]}.{attr}"
+        slices.setdefault((name, dim), Slice(name, param, dim, index.to(param.device)))
+
+    for item in group:
+        dep, idxs, roots = item.dep, item.idxs, item.root_idxs
+        module, op = dep.target.module, dep.target.type
+        reads = dg.is_in_channel_pruning_fn(dep.handler)
+        if op == tp.ops.OPTYPE.CONV:
+            if module.groups != 1:
+                return None   # depthwise/grouped convs tie channels together in ways this model family lacks
+            if reads:
+                add(module, "weight", 1, idxs, roots)
+            else:
+                add(module, "weight", 0, idxs, roots)
+                add(module, "bias", 0, idxs, roots)
+        elif op == tp.ops.OPTYPE.BN:
+            add(module, "weight", 0, idxs, roots)
+            add(module, "bias", 0, idxs, roots)
+        elif op == tp.ops.OPTYPE.LINEAR:
+            if not reads:
+                return None   # the dimension reaches the logits: the classifier's width is never touched
+            add(module, "weight", 1, idxs, roots)
+        elif op in (tp.ops.OPTYPE.ELEMENTWISE, tp.ops.OPTYPE.RESHAPE):
+            continue          # relu, add, pooling, flatten carry the channel unchanged
+        else:
+            return None       # concat, split, model output, ...: not a plain removable channel
+    return ChannelFamily(names[root], width, tuple(slices[k] for k in sorted(slices)))
+
+
+def reference_group_size(model: nn.Module) -> float:
+    """Mean size of a paper group (conv weights / conv input channels): the size that one lambda1 prices."""
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    return sum(m.weight.numel() for m in convs) / sum(m.weight.shape[1] for m in convs)
