@@ -69,6 +69,9 @@ class PruneConfig:
     # Kept channels per coupled family: a multiple of this (never below it), so pruned widths match the SIMD
     # block of the target's conv kernels. "auto" = the host's onnxruntime NCHWc block (see pipeline/hardware.py).
     align: int | str = 1
+    # Coupled groups differ in size; each group's lambda1 is scaled by what it costs relative to an average paper
+    # group: "macs" (compute per image its removal saves -- what latency follows) or "weights" (parameters).
+    group_cost: str = "macs"
     init: str = "finetune"      # "finetune" (start from the train checkpoint) | "scratch" (paper's from-scratch mode)
     beta: float = 1.0
     lambda1: float = 0.05       # group l0 weight: threshold sqrt(2*lambda1/beta)
@@ -138,6 +141,7 @@ CHOICES = {
     "train.attack.kind": ("pgd", "fgsm_rs", "none"),
     "prune.method": ("rgsm",),
     "prune.groups": ("paper", "coupled"),
+    "prune.group_cost": ("macs", "weights"),
     "prune.init": ("finetune", "scratch"),
 }
 NON_NEGATIVE = {"threads", "data.val_size", "data.train_subset", "data.test_subset", "train.attack.steps",

@@ -9,24 +9,11 @@ import torch.nn as nn
 import torch_pruning as tp
 
 import models
-from pipeline.algorithms.groups import coupled_families, paper_families, reference_group_size
+from pipeline.algorithms.groups import coupled_families, group_costs, paper_families
 from pipeline.algorithms.rgsm import RGSM, aligned_group_l0_keep, allowed_widths, group_hard_threshold
 from pipeline.algorithms.surgery import remove_dead_channels
 from pipeline.hardware import nchwc_block
-
-
-def randomized(arch, ensemble, seed=0):
-    """A model with BN statistics and affines far from identity, so that a missed slice shows in the logits."""
-    torch.manual_seed(seed)
-    model = models.create_model(arch, ensemble=ensemble, noise_coef=0.1)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.normal_()
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.normal_()
-                m.bias.normal_()
-    return model.eval()
+from tests.helpers import randomized_model
 
 
 def example(n=2, seed=1):
@@ -106,10 +93,10 @@ def widths(model):
 @pytest.mark.parametrize("arch,ensemble", [("test_resnet", 2), ("preact_resnet20", 1)])
 def test_zeroing_one_coupled_group_removes_exactly_that_channel(arch, ensemble):
     rng = random.Random(0)
-    base = randomized(arch, ensemble)
+    base = randomized_model(arch, ensemble)
     n_families = len(coupled_families(base, example()))
     for fi in range(n_families):
-        model = randomized(arch, ensemble)
+        model = randomized_model(arch, ensemble)
         family = coupled_families(model, example())[fi]
         j = rng.randrange(family.width)
         zero_group(family, j)
@@ -153,12 +140,12 @@ def test_aligned_prox_equals_brute_force_on_random_norms():
 
 
 def test_aligned_prox_keeps_multiples_of_align_on_a_model():
-    model = randomized("preact_resnet20", 1)
+    model = randomized_model("preact_resnet20", 1)
     families = coupled_families(model, example())
-    ref = reference_group_size(model)
-    # lambda1 at the median size-scaled squared norm: about half of all groups fall below their threshold
-    lambda1 = 0.5 * float(torch.cat([f.sq_norms() * ref / f.group_size for f in families]).median())
-    r = RGSM(families, beta=1.0, lambda1=lambda1, lambda2=0.0, align=16, min_keep=16, reference_size=ref)
+    scales = group_costs(model, families, example(), "macs")
+    # lambda1 at the median cost-scaled squared norm: about half of all groups fall below their threshold
+    lambda1 = 0.5 * float(torch.cat([f.sq_norms() / c for f, c in zip(families, scales)]).median())
+    r = RGSM(families, beta=1.0, lambda1=lambda1, lambda2=0.0, align=16, min_keep=16, scales=scales)
     r.project()
     kept = r.kept_widths()
     assert all(k % 16 == 0 and 16 <= k for k in kept.values()), kept
@@ -186,7 +173,7 @@ def test_align_one_reduces_to_plain_group_l0_prox():
 
 def test_paper_rgsm_is_unchanged_by_families():
     """paper_families over a model == the original per-weight RGSM (pull and project on every conv)."""
-    model = randomized("test_resnet", 2)
+    model = randomized_model("test_resnet", 2)
     convs = [m.weight for m in model.modules() if isinstance(m, nn.Conv2d)]
     copies = [w.detach().clone() for w in convs]
     r = RGSM(paper_families(model), beta=1.0, lambda1=1.0, lambda2=0.0)
@@ -196,23 +183,46 @@ def test_paper_rgsm_is_unchanged_by_families():
         torch.testing.assert_close(w.detach(), c - 0.1 * (c - group_hard_threshold(c, t)))
 
 
-def test_group_size_scaling():
+def test_group_costs_weights_and_macs_hand_counted():
+    model = models.create_model("preact_resnet20")
+    families = {f.name: f for f in coupled_families(model, example())}
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    n_ref = sum(m.weight.numel() for m in convs) / 675
+    # conv MACs per image of ResNet20: stem 3->16 and 6 convs 16->16 at 32x32; 16->32 (3x3 and 1x1) and 5 convs
+    # 32->32 at 16x16; 32->64 (3x3 and 1x1) and 5 convs 64->64 at 8x8
+    conv_macs = (3 * 16 * 9 + 6 * 16 * 16 * 9) * 1024 + (16 * 32 * 10 + 5 * 32 * 32 * 9) * 256 \
+        + (32 * 64 * 10 + 5 * 64 * 64 * 9) * 64
+    macs_ref = conv_macs / 675
+    names = list(families)
+    by_weights = dict(zip(names, group_costs(model, list(families.values()), example(), "weights")))
+    by_macs = dict(zip(names, group_costs(model, list(families.values()), example(), "macs")))
+    assert n_ref == pytest.approx(400.379, abs=1e-3)
+    assert by_weights["members.0.layer2.1.conv1"] == pytest.approx((32 * 9 + 2 + 32 * 9) / n_ref)
+    # a block-internal channel of layer2.1: one conv1 filter and one conv2 input slice, both at 16x16
+    assert by_macs["members.0.layer2.1.conv1"] == pytest.approx(2 * 32 * 9 * 256 / macs_ref)
+    # the stage-3 residual channel: 3 conv2 filters + the 1x1 shortcut filter + 2 conv1 slices at 8x8, and
+    # one classifier column (10 MACs); BN entries cost nothing (folded into the convs by onnxruntime)
+    assert by_macs["members.0.layer3.2.conv2"] == pytest.approx(((3 * 64 * 9 + 32 + 2 * 64 * 9) * 64 + 10) / macs_ref)
+    with pytest.raises(ValueError, match="cost"):
+        group_costs(model, list(families.values()), example(), "flops")
+
+
+def test_scales_set_each_family_threshold():
     model = models.create_model("preact_resnet20")
     families = coupled_families(model, example())
-    ref = reference_group_size(model)
-    assert ref == pytest.approx(sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Conv2d)) / 675)
-    r = RGSM(families, beta=2.0, lambda1=0.5, lambda2=0.0, reference_size=ref)
-    for f in families:
-        assert r.family_threshold(f) == pytest.approx(math.sqrt(2 * 0.5 / 2.0) * math.sqrt(f.group_size / ref))
-    assert RGSM(families, beta=2.0, lambda1=0.5, lambda2=0.0).family_threshold(families[0]) == pytest.approx(
-        math.sqrt(0.5))
+    scales = group_costs(model, families, example(), "weights")
+    r = RGSM(families, beta=2.0, lambda1=0.5, lambda2=0.0, scales=scales)
+    assert r.family_thresholds() == pytest.approx([math.sqrt(2 * 0.5 / 2.0) * math.sqrt(c) for c in scales])
+    assert RGSM(families, beta=2.0, lambda1=0.5, lambda2=0.0).family_thresholds()[0] == pytest.approx(math.sqrt(0.5))
+    with pytest.raises(ValueError, match="scale"):
+        RGSM(families, beta=2.0, lambda1=0.5, lambda2=0.0, scales=[1.0])
 
 
 def test_regularize_is_group_lasso_gradient_of_coupled_groups():
-    model = randomized("test_resnet", 1).double()
+    model = randomized_model("test_resnet", 1).double()
     families = coupled_families(model, example().double())
-    ref = reference_group_size(model)
-    r = RGSM(families, beta=1.0, lambda1=0.1, lambda2=0.01, reference_size=ref)
+    scales = group_costs(model, families, example().double(), "macs")
+    r = RGSM(families, beta=1.0, lambda1=0.1, lambda2=0.01, scales=scales)
     params = r.weights
     for p in params:
         p.grad = None
@@ -221,9 +231,9 @@ def test_regularize_is_group_lasso_gradient_of_coupled_groups():
     for p in params:
         p.grad = None
     with torch.enable_grad():
-        penalty = sum(0.01 * math.sqrt(f.group_size / ref) * sum(
+        penalty = sum(0.01 * math.sqrt(c) * sum(
             s.tensor.index_select(s.dim, s.index).transpose(0, s.dim).reshape(f.width, -1).pow(2).sum(1)
-            for s in f.slices).sqrt().sum() for f in families)
+            for s in f.slices).sqrt().sum() for f, c in zip(families, scales))
         penalty.backward()
     for g, p in zip(got, params):
         torch.testing.assert_close(g, p.grad)

@@ -153,16 +153,16 @@ def test_group_lasso_grad_zero_group_is_zero_and_finite():
 
 
 def test_state_dict_round_trip():
-    a = RGSM([weight()], beta=2.0, lambda1=0.3, lambda2=1e-4, align=4, min_keep=4, reference_size=50.0)
+    a = RGSM([weight()], beta=2.0, lambda1=0.3, lambda2=1e-4, align=4, min_keep=4, scales=[2.5])
     a.project()
     a.project()
     state = a.state_dict()
     assert state == {"beta": 2.0, "lambda1": 0.3, "lambda2": 1e-4, "align": 4, "min_keep": 4,
-                     "reference_size": 50.0, "projections": 2}
+                     "scales": [2.5], "projections": 2}
     b = RGSM([weight()], beta=1.0, lambda1=0.01, lambda2=0.0)
     b.load_state_dict(state)
-    assert (b.beta, b.lambda1, b.lambda2, b.align, b.min_keep, b.reference_size, b.projections) == \
-        (2.0, 0.3, 1e-4, 4, 4, 50.0, 2)
+    assert (b.beta, b.lambda1, b.lambda2, b.align, b.min_keep, b.scales, b.projections) == \
+        (2.0, 0.3, 1e-4, 4, 4, [2.5], 2)
     assert b.threshold == a.threshold == pytest.approx(math.sqrt(0.3))
     import json
     assert json.loads(json.dumps(state)) == state   # goes into the manifest as plain JSON

@@ -8,22 +8,14 @@ import torch.nn as nn
 import models
 from pipeline.algorithms import surgery
 from pipeline.algorithms.surgery import count_params_macs, remove_dead_channels
+from tests.helpers import randomized_model
 
 ARCH, KWARGS = "test_resnet", {"ensemble": 2, "noise_coef": 0.1}
 
 
 def make_model(seed=0):
     """test_resnet En_2 (widths 4/8/16) with BN statistics and affines far from identity."""
-    torch.manual_seed(seed)
-    model = models.create_model(ARCH, **KWARGS)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.normal_()
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.normal_()
-                m.bias.normal_()
-    return model.eval()
+    return randomized_model(ARCH, KWARGS["ensemble"], seed)
 
 
 def example_input(seed=1):

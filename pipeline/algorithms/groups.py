@@ -150,7 +150,45 @@ def _family(group, dg, model: nn.Module) -> ChannelFamily | None:
     return ChannelFamily(names[root], width, tuple(slices[k] for k in sorted(slices)))
 
 
-def reference_group_size(model: nn.Module) -> float:
-    """Mean size of a paper group (conv weights / conv input channels): the size that one lambda1 prices."""
+def _output_pixels(model: nn.Module, example_input: torch.Tensor) -> dict[int, int]:
+    """id(weight) -> output positions per image of its conv (1 for linear layers), from one noise-off pass."""
+    from models import noise_disabled
+
+    pixels, hooks = {}, []
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            hooks.append(m.register_forward_hook(
+                lambda mod, inp, out: pixels.__setitem__(id(mod.weight), out.shape[-1] * out.shape[-2])))
+        elif isinstance(m, nn.Linear):
+            pixels[id(m.weight)] = 1
+    modes = {m: m.training for m in model.modules()}
+    try:
+        with noise_disabled(model), torch.no_grad():
+            model.eval()(example_input[:1])
+    finally:
+        for h in hooks:
+            h.remove()
+        for m, training in modes.items():
+            m.training = training
+    return pixels
+
+
+def group_costs(model: nn.Module, families: list[ChannelFamily], example_input: torch.Tensor,
+                cost: str) -> list[float]:
+    """Per family, what one of its groups costs relative to an average paper group (so lambda1 keeps its scale).
+
+    ``weights``: scalars in the group ÷ (conv weights ÷ conv input channels).
+    ``macs``: multiply-accumulates per image that removing the channel saves ÷ (conv MACs ÷ conv input
+    channels). BN entries cost nothing here: onnxruntime folds BN into the neighbouring conv.
+    """
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
-    return sum(m.weight.numel() for m in convs) / sum(m.weight.shape[1] for m in convs)
+    in_channels = sum(m.weight.shape[1] for m in convs)
+    if cost == "weights":
+        reference = sum(m.weight.numel() for m in convs) / in_channels
+        return [f.group_size / reference for f in families]
+    if cost == "macs":
+        pixels = _output_pixels(model, example_input)
+        reference = sum(m.weight.numel() * pixels[id(m.weight)] for m in convs) / in_channels
+        return [sum(s.group_numel * pixels[id(s.tensor)] for s in f.slices if id(s.tensor) in pixels) / reference
+                for f in families]
+    raise ValueError(f"cost must be 'weights' or 'macs', got {cost!r}")

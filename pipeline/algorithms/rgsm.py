@@ -25,12 +25,13 @@ that are >= ``min_keep``, and the minimiser is found by evaluating cost(k) on th
 (ties go to the smaller k, which for a = 1 is the hard threshold's "<= is dropped"). ``project`` applies
 the same rule, so the final widths are aligned.
 
-Group sizes: coupled groups differ in size between families (a residual channel of stage 3 spans five
-conv slices, a block-internal one two). With ``reference_size`` n_ref set, a group of n_g scalars gets
-lambda1_g = lambda1·n_g/n_ref -- i.e. its threshold scales by sqrt(n_g/n_ref): the l0 term then prices
-every removed *weight* alike (lambda1 per n_ref weights), and a group of iid weights of a given RMS is
-judged the same whatever its size. The group lasso weight scales by sqrt(n_g/n_ref) (Yuan & Lin, 2006).
-Without ``reference_size`` (the paper's grouping) every group gets lambda1 and lambda2 unchanged.
+Group costs: coupled groups differ in size and in what they cost (a residual channel of stage 3 spans
+five conv slices, a block-internal one two; a stage-1 weight is applied at 32x32 positions, a stage-3
+weight at 8x8). Family f gets a ``scale`` c_f (``groups.group_costs``: its group's MACs, or weights,
+relative to an average paper group), and its groups get lambda1·c_f -- the threshold scales by sqrt(c_f).
+The l0 term then prices every removed MAC (or weight) alike, and groups of iid weights with a given RMS
+are judged alike whatever their size. The group lasso weight is lambda2·sqrt(c_f) (Yuan & Lin, 2006).
+Without ``scales`` (the paper's grouping) every group gets lambda1 and lambda2 unchanged.
 
 Coupled groups overlap (a conv weight element belongs to its output channel's group and its input
 channel's group). Each family's decision is made on the current w, and u zeroes every element that any
@@ -87,7 +88,7 @@ class RGSM:
     """RGSM over ``groups``: a list of ``ChannelFamily`` or, for the paper's grouping, bare conv weights."""
 
     def __init__(self, groups, *, beta: float, lambda1: float, lambda2: float, align: int = 1, min_keep: int = 0,
-                 reference_size: float | None = None):
+                 scales: list[float] | None = None):
         if not beta > 0:
             raise ValueError(f"beta must be > 0, got {beta}")
         groups = list(groups)
@@ -98,7 +99,9 @@ class RGSM:
         self.lambda2 = float(lambda2)
         self.align = int(align)
         self.min_keep = int(min_keep)
-        self.reference_size = None if reference_size is None else float(reference_size)
+        self.scales = [1.0] * len(self.families) if scales is None else [float(x) for x in scales]
+        if len(self.scales) != len(self.families) or not all(x > 0 for x in self.scales):
+            raise ValueError(f"need one positive scale per family ({len(self.families)}), got {scales!r}")
         self.projections = 0
 
     @property
@@ -109,22 +112,19 @@ class RGSM:
                 seen.setdefault(id(s.tensor), s.tensor)
         return list(seen.values())
 
-    def size_scale(self, family: ChannelFamily) -> float:
-        return 1.0 if self.reference_size is None else family.group_size / self.reference_size
-
     @property
     def threshold(self) -> float:
-        """The group-norm threshold sqrt(2·lambda1/beta) of a group of the reference size."""
+        """The group-norm threshold sqrt(2·lambda1/beta) of a group of scale 1."""
         return math.sqrt(2.0 * self.lambda1 / self.beta)
 
-    def family_threshold(self, family: ChannelFamily) -> float:
-        return self.threshold * math.sqrt(self.size_scale(family))
+    def family_thresholds(self) -> list[float]:
+        return [self.threshold * math.sqrt(c) for c in self.scales]
 
     @torch.no_grad()
     def keep_masks(self) -> list[torch.Tensor]:
         """Per family, which groups u keeps (computed from the current w)."""
-        return [aligned_group_l0_keep(f.sq_norms(), self.lambda1 * self.size_scale(f), self.beta, self.align,
-                                      self.min_keep) for f in self.families]
+        return [aligned_group_l0_keep(f.sq_norms(), self.lambda1 * c, self.beta, self.align, self.min_keep)
+                for f, c in zip(self.families, self.scales)]
 
     @torch.no_grad()
     def _u_masks(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -144,9 +144,9 @@ class RGSM:
         """Add ∂ Σ_g lambda2_g·||w_g|| to the gradients. Call after ``backward()``, before ``step()``."""
         if self.lambda2 == 0:
             return
-        for family in self.families:
+        for family, c in zip(self.families, self.scales):
             norms = family.sq_norms().sqrt()
-            weight = self.lambda2 * math.sqrt(self.size_scale(family))
+            weight = self.lambda2 * math.sqrt(c)
             scale = torch.where(norms > 0, weight / norms.clamp_min(1e-30), torch.zeros_like(norms))
             for s in family.slices:
                 t = s.tensor
@@ -173,10 +173,13 @@ class RGSM:
 
     def state_dict(self) -> dict:
         return {"beta": self.beta, "lambda1": self.lambda1, "lambda2": self.lambda2, "align": self.align,
-                "min_keep": self.min_keep, "reference_size": self.reference_size, "projections": self.projections}
+                "min_keep": self.min_keep, "scales": list(self.scales), "projections": self.projections}
 
     def load_state_dict(self, state: dict) -> None:
         self.beta, self.lambda1, self.lambda2 = state["beta"], state["lambda1"], state["lambda2"]
         self.align, self.min_keep = state.get("align", 1), state.get("min_keep", 0)
-        self.reference_size = state.get("reference_size")
+        scales = state.get("scales")
+        if scales is not None and len(scales) != len(self.families):
+            raise ValueError(f"state has {len(scales)} family scales, this sparsifier {len(self.families)} families")
+        self.scales = [1.0] * len(self.families) if scales is None else [float(x) for x in scales]
         self.projections = state["projections"]

@@ -7,7 +7,7 @@ import torch
 
 from models import create_model, describe
 
-from ..algorithms.groups import coupled_families, paper_families, reference_group_size
+from ..algorithms.groups import coupled_families, group_costs, paper_families
 from ..algorithms.rgsm import RGSM
 from ..hardware import resolve_align
 from ..runio import load_model, save_model
@@ -34,7 +34,7 @@ def run(ctx: StageContext) -> StageResult:
     sparsifier = make_sparsifier(model, cfg, device)
     ctx.log(f"RGSM ({p.groups} groups, {len(sparsifier.families)} families, align {sparsifier.align}) "
             f"threshold sqrt(2*{p.lambda1}/{p.beta}) = {sparsifier.threshold:.4g}"
-            + (f" for a group of {sparsifier.reference_size:.0f} weights" if sparsifier.reference_size else ""))
+            + (f" for an average paper group (scaled per family by {p.group_cost})" if p.groups == "coupled" else ""))
     optimizer = make_optimizer(model, cfg, p.lr)
     attack = training_attack(cfg)
     log_lines = []
@@ -67,7 +67,7 @@ def run(ctx: StageContext) -> StageResult:
 
 def make_sparsifier(model, cfg, device) -> RGSM:
     """The paper's groups (every conv's input channels, stem and 1x1 shortcuts included), or coupled
-    removable channels with size-scaled lambdas and widths kept at a multiple of the hardware block."""
+    removable channels with cost-scaled lambdas and widths kept at a multiple of the hardware block."""
     p = cfg.prune
     if p.groups == "paper":
         return RGSM(paper_families(model), beta=p.beta, lambda1=p.lambda1, lambda2=p.lambda2)
@@ -75,8 +75,9 @@ def make_sparsifier(model, cfg, device) -> RGSM:
     example = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
     # min_keep = align: a family never drops below one block, so no layer reaches width 0 and surgery never
     # has to keep a zero channel for shape (which would break the alignment).
-    return RGSM(coupled_families(model, example), beta=p.beta, lambda1=p.lambda1, lambda2=p.lambda2,
-                align=align, min_keep=align, reference_size=reference_group_size(model))
+    families = coupled_families(model, example)
+    return RGSM(families, beta=p.beta, lambda1=p.lambda1, lambda2=p.lambda2, align=align, min_keep=align,
+                scales=group_costs(model, families, example, p.group_cost))
 
 
 STAGE = Stage("prune", sections=("seed", "data", "model", "train", "prune", "eval"), inputs=("train",), run=run)
