@@ -23,7 +23,8 @@ _OPT_LEVELS = {
 _FLOAT_TYPES = {1, 10, 11, 16}  # FLOAT, FLOAT16, DOUBLE, BFLOAT16 (onnx.TensorProto enum values)
 
 
-def ort_session(path, *, intra_op_threads: int = 1, inter_op_threads: int = 1, optimization: str = "all"):
+def ort_session(path, *, intra_op_threads: int = 1, inter_op_threads: int = 1, optimization: str = "all",
+                profile_prefix: str | None = None):
     import onnxruntime as ort
 
     if optimization not in _OPT_LEVELS:
@@ -37,6 +38,9 @@ def ort_session(path, *, intra_op_threads: int = 1, inter_op_threads: int = 1, o
     # Spinning threads burn the cores the interleaved competitor needs; off makes A/B timings fairer.
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    if profile_prefix is not None:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = profile_prefix
     return ort.InferenceSession(os.fspath(path), sess_options=opts, providers=["CPUExecutionProvider"])
 
 
@@ -225,3 +229,38 @@ def host_device_description() -> dict:
         "arch": platform.machine(),
         "cores": os.cpu_count(),
     }
+
+
+def profile_op_types(path, *, optimization: str = "all", threads: int = 1, batch: int = 1, runs: int = 100,
+                     seed: int = 0) -> dict[str, dict]:
+    """Where one inference spends its time: onnxruntime's profiler, kernel time per op type.
+
+    Returns op type -> {"us_per_run", "share", "nodes"}; the op types are those of the *optimised* graph
+    (e.g. NCHWc ``ReorderInput`` / fused ``Conv`` at level ``all``), which is what actually runs."""
+    import json
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        sess = ort_session(path, intra_op_threads=threads, optimization=optimization,
+                           profile_prefix=os.path.join(tmp, "profile"))
+        inp = sess.get_inputs()[0]
+        x = np.random.default_rng(seed).random((batch, *inp.shape[1:]), dtype=np.float32)
+        for _ in range(10):   # warm-up runs are profiled too; dropped below by keeping the last ``runs``
+            sess.run(None, {inp.name: x})
+        for _ in range(runs):
+            sess.run(None, {inp.name: x})
+        with open(sess.end_profiling()) as f:
+            events = json.load(f)
+    kernel = [e for e in events if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")]
+    per_run = len(kernel) // (runs + 10)
+    kernel = kernel[-per_run * runs:] if per_run else []
+    totals: dict[str, list] = {}
+    for e in kernel:
+        op = e.get("args", {}).get("op_name", "?")
+        t = totals.setdefault(op, [0.0, set()])
+        t[0] += e["dur"]
+        t[1].add(e["name"])
+    all_us = sum(t[0] for t in totals.values()) or 1.0
+    out = {op: {"us_per_run": us / runs, "share": us / all_us, "nodes": len(names)}
+           for op, (us, names) in totals.items()}
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]["us_per_run"]))

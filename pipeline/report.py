@@ -51,6 +51,7 @@ def build_report(manifest: dict) -> dict:
                                             "removed_fraction", "kept_for_shape", "layers")},
         "speedup": speedup,
         "headline": headline,
+        "profile": bench.get("profile", {}),
         "plots": dict(PLOTS),
         "notes": {
             "accuracy": "torch, percent on the test images; keys *_noise_off have EnResNet's test-time noise off",
@@ -115,6 +116,18 @@ def render_markdown(report: dict) -> str:
         cell = lambda r: f"{r['p50_ms']:.3f} / {r['p90_ms']:.3f}{' *' if r.get('best') else ''}"  # noqa: E731
         lines.append(f"| {d['batch']} | {d['threads']} | {d['graph_optimization']} | {cell(d)} | {cell(p)} |")
 
+    prof = report.get("profile")
+    if prof:
+        d, p = prof["dense"], prof["pruned"]
+        ops = list(dict.fromkeys([*d["ops"], *p["ops"]]))
+        us = lambda side, op: side["ops"].get(op, {}).get("us_per_run", 0.0)  # noqa: E731
+        lines += ["", f"## Where the time goes (onnxruntime profiler, batch {d['batch']}, {d['threads']} thread(s); "
+                      f"dense at {d['graph_optimization']}, pruned at {p['graph_optimization']})", "",
+                  "| op type (optimised graph) | dense µs/run | pruned µs/run | dense ÷ pruned |", "|---|---:|---:|---:|"]
+        lines += [f"| {op} | {us(d, op):.1f} | {us(p, op):.1f} | "
+                  f"{us(d, op) / us(p, op) if us(p, op) else float('inf'):.2f} |" for op in ops]
+        total_d, total_p = (sum(x["us_per_run"] for x in side["ops"].values()) for side in (d, p))
+        lines.append(f"| **all kernels** | {total_d:.1f} | {total_p:.1f} | {total_d / total_p:.2f} |")
     lines += ["", "## Surgery and per-layer widths", "",
               f"Surgery removed {s['removed_channels']} of {s['zero_channels']} zero input channels "
               f"(**{100 * s['removed_fraction']:.1f}%**; {s['kept_for_shape']} kept only so that no layer reaches "

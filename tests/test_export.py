@@ -12,7 +12,7 @@ pytest.importorskip("onnxsim")
 import models  # noqa: E402
 from export import (  # noqa: E402
     ExportParityError, export_onnx, host_device_description, measure_latency_interleaved, onnx_macs,
-    onnx_param_count, ort_accuracy, ort_predict, ort_session, read_metadata,
+    onnx_param_count, ort_accuracy, ort_predict, ort_session, profile_op_types, read_metadata,
 )
 from export import onnx_export as onnx_export_mod  # noqa: E402
 
@@ -134,6 +134,32 @@ def test_latency_interleaved_sanity(exported):
     for name, s in stats.items():
         assert s.name == name and s.runs == 5 and s.batch == 2 and s.threads == 1
         assert 0 < s.p50_ms <= s.p90_ms and s.mean_ms > 0
+
+
+def test_latency_levels_per_name(exported):
+    """One file under several optimisation levels, timed side by side; an unknown level is refused."""
+    _, reports = exported
+    path = reports[True].path
+    stats = measure_latency_interleaved({"a": path, "b": path}, levels={"a": "disable", "b": "all"},
+                                        threads=1, batch=1, warmup=1, runs=3)
+    assert set(stats) == {"a", "b"}
+    with pytest.raises(ValueError, match="optimization"):
+        measure_latency_interleaved({"a": path}, levels={"a": "fastest"}, runs=1)
+
+
+def test_profile_op_types_accounts_per_run(exported):
+    _, reports = exported
+    path = reports[True].path
+    extended = profile_op_types(path, optimization="extended", runs=20)
+    # test_resnet En_2: 18 convs (some fused with their relu at 'extended'), 2 classifiers
+    convs = sum(v["nodes"] for k, v in extended.items() if k in ("Conv", "FusedConv"))
+    assert convs == 18 and extended["Gemm"]["nodes"] == 2
+    assert sum(v["share"] for v in extended.values()) == pytest.approx(1.0)
+    assert all(v["us_per_run"] > 0 for v in extended.values())
+    assert list(extended) == sorted(extended, key=lambda k: -extended[k]["us_per_run"])
+    # level 'all' runs the NCHWc layout: its reorder kernels show up, and BN is gone (folded or fused)
+    nchwc = profile_op_types(path, optimization="all", runs=20)
+    assert any(k.startswith("Reorder") for k in nchwc) and "BatchNormalization" not in nchwc
 
 
 class _TinyNet(nn.Module):

@@ -38,7 +38,8 @@ def best_rows(rows: list[dict]) -> dict[tuple[int, int], dict]:
 def run(ctx: StageContext) -> StageResult:
     import onnxruntime
 
-    from export import host_device_description, measure_latency_interleaved, ort_accuracy, ort_session
+    from export import (host_device_description, measure_latency_interleaved, ort_accuracy, ort_session,
+                        profile_op_types)
 
     cfg, b = ctx.cfg, ctx.cfg.bench
     _, _, test = data_splits(cfg)
@@ -85,7 +86,15 @@ def run(ctx: StageContext) -> StageResult:
     for rows in latency.values():
         for r in rows:
             r.setdefault("best", False)
-    metrics = {"accuracy": accuracy, "latency": latency, "speedup": speedup}
+    # Where the time goes, per op type of the graph that really runs (each artifact at its best level).
+    batch, threads = b.batches[0], thread_counts(b.threads)[0]
+    profile = {}
+    for variant in VARIANTS:
+        level = best[variant][(batch, threads)]["graph_optimization"]
+        profile[variant] = {"graph_optimization": level, "batch": batch, "threads": threads,
+                            "ops": profile_op_types(paths[variant], optimization=level, threads=threads, batch=batch,
+                                                    runs=b.runs, seed=cfg.seed)}
+    metrics = {"accuracy": accuracy, "latency": latency, "speedup": speedup, "profile": profile}
     write_json(ctx.out_dir / "bench.json", metrics)
     return StageResult({"bench": ctx.out_dir / "bench.json"}, metrics)
 
