@@ -127,7 +127,9 @@ def render_markdown(report: dict) -> str:
         lines += [f"| {op} | {us(d, op):.1f} | {us(p, op):.1f} | "
                   f"{us(d, op) / us(p, op) if us(p, op) else float('inf'):.2f} |" for op in ops]
         total_d, total_p = (sum(x["us_per_run"] for x in side["ops"].values()) for side in (d, p))
-        lines.append(f"| **all kernels** | {total_d:.1f} | {total_p:.1f} | {total_d / total_p:.2f} |")
+        lines += [f"| **all kernels** | {total_d:.1f} | {total_p:.1f} | {total_d / total_p:.2f} |", "",
+                  "Profiled one artifact after the other (not interleaved) and with the profiler's own overhead: "
+                  "read it for where the time goes, and the latency tables for how long it takes."]
     lines += ["", "## Surgery and per-layer widths", "",
               f"Surgery removed {s['removed_channels']} of {s['zero_channels']} zero input channels "
               f"(**{100 * s['removed_fraction']:.1f}%**; {s['kept_for_shape']} kept only so that no layer reaches "
