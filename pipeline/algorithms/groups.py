@@ -69,21 +69,15 @@ class ChannelFamily:
         return sum(s.group_numel for s in self.slices)
 
 
+def input_channel_family(name: str, weight: torch.Tensor) -> ChannelFamily:
+    """The paper's groups of one conv weight: its input-channel slices ``W[:, i]``."""
+    index = torch.arange(weight.shape[1], device=weight.device)
+    return ChannelFamily(name, weight.shape[1], (Slice(f"{name}.weight", weight, 1, index),))
+
+
 def paper_families(model: nn.Module) -> list[ChannelFamily]:
     """The paper's groups: the input-channel slices of every Conv2d, stem and 1x1 shortcuts included."""
-    out = []
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Conv2d):
-            idx = torch.arange(m.weight.shape[1], device=m.weight.device)
-            out.append(ChannelFamily(name, m.weight.shape[1], (Slice(f"{name}.weight", m.weight, 1, idx),)))
-    return out
-
-
-def input_channel_families(weights: list[torch.Tensor]) -> list[ChannelFamily]:
-    """Paper groups for bare weight tensors (no module names)."""
-    return [ChannelFamily(f"weight{i}", w.shape[1],
-                          (Slice(f"weight{i}", w, 1, torch.arange(w.shape[1], device=w.device)),))
-            for i, w in enumerate(weights)]
+    return [input_channel_family(n, m.weight) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
 
 
 def coupled_families(model: nn.Module, example_input: torch.Tensor) -> list[ChannelFamily]:
@@ -100,17 +94,17 @@ def coupled_families(model: nn.Module, example_input: torch.Tensor) -> list[Chan
     try:
         with noise_disabled(model), torch.enable_grad():
             dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_input, verbose=False)
+            names = {m: n for n, m in model.named_modules()}
             groups = list(dg.get_all_groups(root_module_types=(nn.Conv2d,)))
-            return [f for f in (_family(g, dg, model) for g in groups) if f is not None]
+            return [f for f in (_family(g, dg, names) for g in groups) if f is not None]
     finally:
         for m, training in modes.items():
             m.training = training
 
 
-def _family(group, dg, model: nn.Module) -> ChannelFamily | None:
+def _family(group, dg, names: dict[nn.Module, str]) -> ChannelFamily | None:
     import torch_pruning as tp
 
-    names = {m: n for n, m in model.named_modules()}
     root = group[0].dep.target.module
     width = root.out_channels
     slices: dict[tuple[str, int], Slice] = {}

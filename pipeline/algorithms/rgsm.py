@@ -43,7 +43,7 @@ import math
 
 import torch
 
-from .groups import ChannelFamily, input_channel_families
+from .groups import ChannelFamily, input_channel_family
 
 
 def group_hard_threshold(weight: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -72,6 +72,9 @@ def aligned_group_l0_keep(sq_norms: torch.Tensor, lam: float, beta: float, align
     """Boolean mask of the groups the aligned group-l0 prox keeps (derivation in the module docstring)."""
     if align < 1:
         raise ValueError(f"align must be >= 1, got {align}")
+    if align == 1 and min_keep == 0:
+        # the unconstrained case is the plain hard threshold: stay on the tensor's device (no host sync per step)
+        return 0.5 * beta * sq_norms > lam
     n = sq_norms.numel()
     s = sq_norms.detach().double().cpu()
     order = torch.sort(s, descending=True, stable=True).indices
@@ -93,7 +96,8 @@ class RGSM:
             raise ValueError(f"beta must be > 0, got {beta}")
         groups = list(groups)
         self.families: list[ChannelFamily] = (
-            groups if all(isinstance(g, ChannelFamily) for g in groups) else input_channel_families(groups))
+            groups if all(isinstance(g, ChannelFamily) for g in groups)
+            else [input_channel_family(f"weight{i}", w) for i, w in enumerate(groups)])
         self.beta = float(beta)
         self.lambda1 = float(lambda1)
         self.lambda2 = float(lambda2)

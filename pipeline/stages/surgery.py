@@ -39,16 +39,17 @@ def run(ctx: StageContext) -> StageResult:
     return StageResult(outputs, metrics)
 
 
+def _in_out(m: nn.Module) -> tuple[int, int]:
+    return (m.in_channels, m.out_channels) if isinstance(m, nn.Conv2d) else (m.in_features, m.out_features)
+
+
 def layer_widths(dense: nn.Module, pruned: nn.Module) -> list[dict]:
     """Input/output channels of every conv and linear layer, before and after surgery."""
     after = dict(pruned.named_modules())
     rows = []
     for name, m in dense.named_modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
-            p = after[name]
-            dims = (lambda x: (x.in_channels, x.out_channels)) if isinstance(m, nn.Conv2d) else \
-                (lambda x: (x.in_features, x.out_features))
-            (din, dout), (pin, pout) = dims(m), dims(p)
+            (din, dout), (pin, pout) = _in_out(m), _in_out(after[name])
             rows.append({"name": name, "in_dense": din, "in_pruned": pin, "out_dense": dout, "out_pruned": pout})
     return rows
 
