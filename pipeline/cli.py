@@ -15,6 +15,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="run directory (default: runs/<config name>)")
     run.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                      help="override a config value (repeatable), e.g. --set prune.lambda1=0.1")
+    run.add_argument("--reuse-stale", action="store_true",
+                     help="keep finished stages whose code changed since they ran (recorded in manifest.json)")
     show = sub.add_parser("show-config", help="print the resolved config as TOML-like key = value lines")
     show.add_argument("--config", required=True)
     show.add_argument("--set", action="append", default=[])
@@ -55,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         if out.exists() and not out.is_dir():
             return _fail(f"--out {out}: exists and is not a directory")
         t0 = time.perf_counter()
-        manifest = run_pipeline(cfg, out, STAGES, log=lambda m: print(m, flush=True))
+        manifest = run_pipeline(cfg, out, STAGES, log=lambda m: print(m, flush=True), reuse_stale=args.reuse_stale)
         write_report(out, manifest)
         print(f"done in {time.perf_counter() - t0:.1f}s: {out / 'report.md'}", flush=True)
         return 0

@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
+from .codeprint import code_fingerprint
 from .config import RunConfig, to_dict
 from .runio import sha256_file, sha256_json, write_json
 
@@ -41,6 +42,11 @@ class Stage:
     sections: tuple[str, ...]   # config sections (or top-level keys) that the stage's result depends on
     inputs: tuple[str, ...]     # upstream stages whose outputs it reads
     run: Callable[[StageContext], StageResult]
+
+    @property
+    def code(self) -> str:
+        """Fingerprint of the code behind the result: the stage's module and the project modules it imports."""
+        return code_fingerprint(self.run.__module__)
 
 
 def package_versions() -> dict:
@@ -81,12 +87,16 @@ def load_manifest(run_dir: Path) -> dict:
         return {}  # a damaged manifest only costs a rerun
 
 
-def stage_key(stage: Stage, cfg: RunConfig, manifest: dict) -> str:
+def stage_key(stage: Stage, cfg: RunConfig, manifest: dict, *, code: bool = True) -> str:
+    """Hash of what the stage's result depends on: its config sections, its inputs' hashes and (``code``) the
+    fingerprint of its code."""
     cfg_dict = to_dict(cfg)
     upstream = {name: {k: v["sha256"] for k, v in manifest["stages"][name]["outputs"].items()}
                 for name in stage.inputs}
-    return sha256_json({"stage": stage.name, "config": {s: cfg_dict[s] for s in stage.sections},
-                        "inputs": upstream})
+    parts = {"stage": stage.name, "config": {s: cfg_dict[s] for s in stage.sections}, "inputs": upstream}
+    if code:
+        parts["code"] = stage.code
+    return sha256_json(parts)
 
 
 def _outputs_valid(run_dir: Path, entry: dict) -> bool:
@@ -97,7 +107,10 @@ def _outputs_valid(run_dir: Path, entry: dict) -> bool:
     return True
 
 
-def run_pipeline(cfg: RunConfig, run_dir: Path, stages: list[Stage], *, log=print, after_stage=None) -> dict:
+def run_pipeline(cfg: RunConfig, run_dir: Path, stages: list[Stage], *, log=print, after_stage=None,
+                 reuse_stale: bool = False) -> dict:
+    """Run or skip each stage in order. A stage is skipped when its key and output hashes match its entry;
+    with ``reuse_stale`` also when only its code fingerprint differs (recorded in the entry as ``stale_code``)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     manifest = load_manifest(run_dir)
     manifest.setdefault("stages", {})
@@ -107,9 +120,15 @@ def run_pipeline(cfg: RunConfig, run_dir: Path, stages: list[Stage], *, log=prin
     for stage in stages:
         key = stage_key(stage, cfg, manifest)
         entry = manifest["stages"].get(stage.name, {})
-        if not upstream_changed and entry.get("status") == "done" and entry.get("key") == key \
-                and _outputs_valid(run_dir, entry):
+        done = not upstream_changed and entry.get("status") == "done"
+        if done and entry.get("key") == key and _outputs_valid(run_dir, entry):
             log(f"[{stage.name}] skipped: up to date (key {key[:12]})")
+            continue
+        if done and reuse_stale and entry.get("config_key") == stage_key(stage, cfg, manifest, code=False) \
+                and _outputs_valid(run_dir, entry):
+            entry["stale_code"] = {"built_with": entry.get("code"), "current": stage.code, "reused": _now()}
+            write_json(run_dir / MANIFEST, manifest)
+            log(f"[{stage.name}] skipped: built by other code, reused because of --reuse-stale")
             continue
         upstream_changed = True
         log(f"[{stage.name}] running")
@@ -142,7 +161,8 @@ def run_pipeline(cfg: RunConfig, run_dir: Path, stages: list[Stage], *, log=prin
             rel = Path(path).relative_to(tmp_dir)
             outputs[name] = {"path": str(Path(stage.name) / rel), "sha256": sha256_file(final_dir / rel)}
         manifest["stages"][stage.name] = {
-            "status": "done", "key": key, "config": {s: to_dict(cfg)[s] for s in stage.sections},
+            "status": "done", "key": key, "config_key": stage_key(stage, cfg, manifest, code=False),
+            "code": stage.code, "config": {s: to_dict(cfg)[s] for s in stage.sections},
             "inputs": list(stage.inputs), "outputs": outputs, "metrics": result.metrics,
             "started": started, "finished": _now(), "seconds": round(time.perf_counter() - t0, 3)}
         write_json(run_dir / MANIFEST, manifest)

@@ -192,3 +192,84 @@ def test_corrupt_manifest_costs_a_rerun(toy, tmp_path):
     _, ran, _ = toy.run(tmp_path)
     assert ran == {"a", "b", "c"}
     read_manifest(tmp_path)
+
+
+# --------------------------------------------------------------------------- code fingerprints
+
+TOY_STAGE = '''from pathlib import Path
+from pipeline.runner import StageResult
+{imports}
+
+def run(ctx):
+    p = Path(ctx.out_dir) / "{name}.txt"
+    p.write_text("{name}{extra}")
+    return StageResult({{"{name}": p}})
+'''
+
+
+@pytest.fixture
+def code_toy(tmp_path, monkeypatch):
+    """Stages a -> b -> c whose code lives in files under tmp_path: b imports helper.py."""
+    from pipeline.codeprint import code_fingerprint
+
+    import uuid
+    package = f"toycode_{uuid.uuid4().hex}"   # unique: sys.modules would hand back another test's package
+    pkg = tmp_path / "src" / package
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "helper.py").write_text("SCALE = 1\n")
+    for name, imports, extra in (("a", "", ""), ("b", "from . import helper", '{helper.SCALE}'), ("c", "", "")):
+        (pkg / f"{name}.py").write_text(TOY_STAGE.format(name=name, imports=imports, extra=extra))
+    monkeypatch.syspath_prepend(str(tmp_path / "src"))
+    import importlib
+    mods = {n: importlib.import_module(f"{package}.{n}") for n in "abc"}
+    stages = [Stage("a", ("seed",), (), mods["a"].run), Stage("b", ("prune",), ("a",), mods["b"].run),
+              Stage("c", ("bench",), ("b",), mods["c"].run)]
+    run_dir = tmp_path / "run"
+
+    def run(reuse_stale=False):
+        code_fingerprint.cache_clear()   # a new process would read the sources afresh
+        logs = []
+        manifest = run_pipeline(load_config(None), run_dir, stages, log=logs.append, reuse_stale=reuse_stale)
+        return manifest, {line[1] for line in logs if line.endswith("] running")}
+
+    yield pkg, run
+    code_fingerprint.cache_clear()
+
+
+def test_changed_stage_code_reruns_that_stage_and_later_only(code_toy):
+    pkg, run = code_toy
+    first, ran = run()
+    assert ran == {"a", "b", "c"}
+    assert run()[1] == set()
+    # b's result depends on helper.py through an import: b and c rerun, a is kept
+    (pkg / "helper.py").write_text("SCALE = 2\n")
+    manifest, ran = run()
+    assert ran == {"b", "c"}
+    assert manifest["stages"]["a"]["key"] == first["stages"]["a"]["key"]
+    assert manifest["stages"]["b"]["code"] != first["stages"]["b"]["code"]
+    # only the last stage's own module
+    (pkg / "c.py").write_text((pkg / "c.py").read_text() + "# changed\n")
+    assert run()[1] == {"c"}
+
+
+def test_reuse_stale_keeps_stages_and_records_it(code_toy):
+    pkg, run = code_toy
+    run()
+    (pkg / "a.py").write_text((pkg / "a.py").read_text() + "# changed\n")
+    manifest, ran = run(reuse_stale=True)
+    assert ran == set()
+    stale = manifest["stages"]["a"]["stale_code"]
+    assert stale["built_with"] != stale["current"] and "stale_code" not in manifest["stages"]["b"]
+    assert read_manifest(code_toy[0].parent.parent / "run")["stages"]["a"]["stale_code"] == stale
+    assert run()[1] == {"a", "b", "c"}      # without the flag the changed code reruns from a
+
+
+def test_stage_code_closure_follows_imports_not_package_inits():
+    from pipeline.codeprint import module_closure
+
+    prune, train, surgery = (module_closure(f"pipeline.stages.{s}") for s in ("prune", "train", "surgery"))
+    assert {"pipeline.algorithms.rgsm", "pipeline.algorithms.groups", "pipeline.training"} <= set(prune)
+    assert "pipeline.algorithms.rgsm" not in train and "pipeline.stages.prune" not in train
+    assert "pipeline.algorithms.surgery" in surgery and "pipeline.algorithms.rgsm" not in surgery
+    assert "pipeline.stages" not in prune   # the package __init__ gathers every stage: not a dependency
