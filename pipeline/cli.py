@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from .config import ConfigError, flatten, load_config
     from .data import DataError
+    from .runner import RunDirBusy
 
     try:
         cfg = load_config(args.config, args.set)
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         write_report(out, manifest)
         print(f"done in {time.perf_counter() - t0:.1f}s: {out / 'report.md'}", flush=True)
         return 0
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, RunDirBusy) as e:
         return _fail(str(e))
     except KeyboardInterrupt:
         return _fail("interrupted; finished stages are kept, rerun the same command to resume")

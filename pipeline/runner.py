@@ -2,6 +2,7 @@
 and is skipped on a rerun when its key and output hashes still match."""
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import shutil
@@ -18,6 +19,25 @@ from .config import RunConfig, to_dict
 from .runio import sha256_file, sha256_json, write_json
 
 MANIFEST = "manifest.json"
+LOCK = ".lock"
+
+
+class RunDirBusy(RuntimeError):
+    """Another process holds the run directory's lock."""
+
+
+@contextlib.contextmanager
+def run_dir_lock(run_dir: Path):
+    """Exclusive, non-blocking lock on ``run_dir/.lock`` for the whole run (released by the OS if we die)."""
+    import fcntl
+
+    with open(run_dir / LOCK, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunDirBusy(f"{run_dir}: another 'pipeline run' is using this folder (lock file {run_dir / LOCK}); "
+                             "wait for it to finish or choose another --out") from None
+        yield
 
 
 @dataclass
@@ -112,6 +132,11 @@ def run_pipeline(cfg: RunConfig, run_dir: Path, stages: list[Stage], *, log=prin
     """Run or skip each stage in order. A stage is skipped when its key and output hashes match its entry;
     with ``reuse_stale`` also when only its code fingerprint differs (recorded in the entry as ``stale_code``)."""
     run_dir.mkdir(parents=True, exist_ok=True)
+    with run_dir_lock(run_dir):
+        return _run_locked(cfg, run_dir, stages, log=log, after_stage=after_stage, reuse_stale=reuse_stale)
+
+
+def _run_locked(cfg: RunConfig, run_dir: Path, stages: list[Stage], *, log, after_stage, reuse_stale: bool) -> dict:
     manifest = load_manifest(run_dir)
     manifest.setdefault("stages", {})
     manifest.update({"config": to_dict(cfg), "versions": package_versions(), "git_commit": git_commit(),
@@ -144,9 +169,13 @@ def run_pipeline(cfg: RunConfig, run_dir: Path, stages: list[Stage], *, log=prin
         started, t0 = _now(), time.perf_counter()
         try:
             result = stage.run(ctx)
-        except BaseException:
+        except BaseException as e:
             shutil.rmtree(tmp_dir, ignore_errors=True)
-            manifest["stages"][stage.name] = {**entry, "status": "failed", "key": key, "failed_at": _now()}
+            failure = {"key": key, "failed_at": _now(), "error": f"{type(e).__name__}: {e}"[:500]}
+            # A good entry (and its untouched folder) survives a failed or interrupted rerun, so going back to
+            # the config that produced it reuses it instead of recomputing it.
+            good = entry if entry.get("status") == "done" else {"status": "failed", "key": key}
+            manifest["stages"][stage.name] = {**good, "last_failure": failure}
             write_json(run_dir / MANIFEST, manifest)
             raise
         # Swap the finished folder in whole, so a crash never leaves a half-written stage behind.

@@ -1,11 +1,12 @@
 """The manifest runner with fast fake stages: skip / rerun logic, failure handling, manifest contents."""
 import json
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
 from pipeline.config import load_config
-from pipeline.runner import MANIFEST, Stage, StageResult, run_pipeline
+from pipeline.runner import LOCK, MANIFEST, RunDirBusy, Stage, StageResult, run_pipeline
 
 
 class Boom(RuntimeError):
@@ -75,7 +76,7 @@ def test_first_run_runs_all_then_rerun_skips_all(toy, tmp_path):
     # what is returned is what was written (tuples become JSON lists)
     assert read_manifest(tmp_path)["stages"] == json.loads(json.dumps(manifest["stages"], default=str))
     # no temporary folders left behind
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "c", MANIFEST]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LOCK, "a", "b", "c", MANIFEST]
 
     manifest2, ran, logs = toy.run(tmp_path)
     assert ran == set()
@@ -138,8 +139,9 @@ def test_failing_stage_keeps_previous_outputs(toy, tmp_path):
     assert not (tmp_path / "b" / "partial.txt").exists()
     assert not (tmp_path / ".b.tmp").exists()
     manifest = read_manifest(tmp_path)   # valid JSON after the failure
-    assert manifest["stages"]["b"]["status"] == "failed"
-    assert manifest["stages"]["b"]["outputs"] == old_entry["outputs"]
+    # the good entry is kept whole; the failure is recorded beside it
+    assert {k: v for k, v in manifest["stages"]["b"].items() if k != "last_failure"} == old_entry
+    assert "Boom: stage b failed" in manifest["stages"]["b"]["last_failure"]["error"]
     assert manifest["stages"]["a"]["status"] == "done"
     assert manifest["stages"]["c"]["status"] == "done"       # c was never reached
     assert toy.calls["c"] == 1
@@ -154,7 +156,19 @@ def test_failing_stage_keeps_previous_outputs(toy, tmp_path):
     _, ran, _ = toy.run(tmp_path, ["prune.lambda1=0.7"])
     assert ran == {"b", "c"}
     assert read_manifest(tmp_path)["stages"]["b"]["status"] == "done"
+    assert "last_failure" not in read_manifest(tmp_path)["stages"]["b"]
     assert "lambda1=0.7" in (tmp_path / "c" / "c.txt").read_text()
+
+
+def test_failure_under_changed_config_then_original_config_retrains_nothing(toy, tmp_path):
+    toy.run(tmp_path)
+    toy.fail.add("b")
+    with pytest.raises(Boom):
+        toy.run(tmp_path, ["prune.lambda1=0.7"])
+    toy.fail.clear()
+    _, ran, logs = toy.run(tmp_path)          # back to the config that produced the finished stages
+    assert ran == set(), logs
+    assert (tmp_path / "c" / "c.txt").read_text() == "a seed=0\nb lambda1=0.05\nc runs=300\n"
 
 
 def test_failure_on_first_run(toy, tmp_path):
@@ -163,7 +177,7 @@ def test_failure_on_first_run(toy, tmp_path):
         toy.run(tmp_path)
     manifest = read_manifest(tmp_path)
     assert manifest["stages"]["a"]["status"] == "done"
-    assert manifest["stages"]["b"]["status"] == "failed"
+    assert manifest["stages"]["b"]["status"] == "failed" and "last_failure" in manifest["stages"]["b"]
     assert "c" not in manifest["stages"]
     assert not (tmp_path / "b").exists()
 
@@ -273,3 +287,38 @@ def test_stage_code_closure_follows_imports_not_package_inits():
     assert "pipeline.algorithms.rgsm" not in train and "pipeline.stages.prune" not in train
     assert "pipeline.algorithms.surgery" in surgery and "pipeline.algorithms.rgsm" not in surgery
     assert "pipeline.stages" not in prune   # the package __init__ gathers every stage: not a dependency
+
+
+def test_written_files_get_the_umask_mode_not_mkstemps_0600(tmp_path):
+    import os
+
+    from pipeline.runio import atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "x.json", "{}")
+        assert (tmp_path / "x.json").stat().st_mode & 0o777 == 0o644
+        os.umask(0o077)
+        atomic_write_text(tmp_path / "y.json", "{}")
+        assert (tmp_path / "y.json").stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)
+
+
+def test_second_run_on_the_same_folder_refuses_in_one_line(toy, tmp_path, capsys):
+    import fcntl
+
+    from pipeline import cli
+
+    toy.run(tmp_path)
+    with open(tmp_path / LOCK, "a") as held:        # another process's run, as far as flock is concerned
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(RunDirBusy, match="another 'pipeline run'"):
+            toy.run(tmp_path)
+        before = {p.name: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+        smoke = Path(__file__).resolve().parent.parent / "configs" / "smoke.toml"
+        assert cli.main(["run", "--config", str(smoke), "--out", str(tmp_path)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "another 'pipeline run'" in err and str(tmp_path) in err
+        assert {p.name: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    assert toy.run(tmp_path)[1] == set()             # released: runs (and skips) as usual
