@@ -167,6 +167,8 @@ def export_onnx(model: torch.nn.Module, path, *, opset: int = 18, dynamo: bool =
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
-    return ExportReport(path=path, opset=opset, simplified=simplify, nodes_before=nodes_before,
+    # What the file really declares (an exporter may move the opset), not what was asked for.
+    file_opset = max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=opset)
+    return ExportReport(path=path, opset=file_opset, simplified=simplify, nodes_before=nodes_before,
                         nodes_after=len(proto.graph.node), parity_max_abs_diff=diff,
                         params=float_initializer_count(proto))

@@ -9,18 +9,20 @@ from pathlib import Path
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pipeline", description="Robust EnResNet -> RGSM pruning -> ONNX -> bench")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the traceback of an internal error")
     sub = p.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run (or resume) every stage of a config")
+    run = sub.add_parser("run", parents=[common], help="run (or resume) every stage of a config")
     run.add_argument("--config", required=True, help="TOML file, e.g. configs/quickstart.toml")
     run.add_argument("--out", help="run directory (default: runs/<config name>)")
     run.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                      help="override a config value (repeatable), e.g. --set prune.lambda1=0.1")
     run.add_argument("--reuse-stale", action="store_true",
                      help="keep finished stages whose code changed since they ran (recorded in manifest.json)")
-    show = sub.add_parser("show-config", help="print the resolved config as TOML-like key = value lines")
+    show = sub.add_parser("show-config", parents=[common], help="print the resolved config as TOML-like key = value lines")
     show.add_argument("--config", required=True)
     show.add_argument("--set", action="append", default=[])
-    tb = sub.add_parser("bench-train", help="training throughput: this pipeline vs a reference-style loop")
+    tb = sub.add_parser("bench-train", parents=[common], help="training throughput: this pipeline vs a reference-style loop")
     tb.add_argument("--config", default=None, help="config for data root/model (default: built-in defaults)")
     tb.add_argument("--set", action="append", default=[])
     tb.add_argument("--images", type=int, default=2048, help="training images per measured epoch")
@@ -33,11 +35,22 @@ def _fail(msg: str) -> int:
     return 2
 
 
+def _os_error(e: OSError) -> str:
+    where = f"{e.filename}: " if e.filename else ""
+    return f"{where}{e.strerror or e} (check the folder: free space, permissions, and that no parent is a file)"
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:   # at any point, start-up included
+        return _fail("interrupted; finished stages are kept, rerun the same command to resume")
+
+
+def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
-    from .config import ConfigError, flatten, load_config
-    from .data import DataError
-    from .runner import RunDirBusy
+    from .config import flatten, load_config
+    from .errors import UserError
 
     try:
         cfg = load_config(args.config, args.set)
@@ -62,10 +75,16 @@ def main(argv: list[str] | None = None) -> int:
         write_report(out, manifest)
         print(f"done in {time.perf_counter() - t0:.1f}s: {out / 'report.md'}", flush=True)
         return 0
-    except (ConfigError, DataError, RunDirBusy) as e:
+    except UserError as e:
         return _fail(str(e))
-    except KeyboardInterrupt:
-        return _fail("interrupted; finished stages are kept, rerun the same command to resume")
+    except OSError as e:        # the output folder under a file, read-only, a full disk, ...
+        return _fail(_os_error(e))
+    except Exception as e:
+        if args.debug:
+            raise
+        print(f"pipeline: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+              "(rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

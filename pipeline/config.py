@@ -6,14 +6,17 @@ the file, the dotted key, what was expected and what was found.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     pass
 
 
@@ -185,7 +188,8 @@ def _build(cls, data: dict, prefix: str, source: str, overridden: frozenset = fr
     names = {f.name for f in dataclasses.fields(cls)}
     for key in data:
         if key not in names:
-            src = "--set" if prefix + key in overridden else source
+            dotted = prefix + key
+            src = "--set" if any(o == dotted or o.startswith(dotted + ".") for o in overridden) else source
             raise ConfigError(f"{src}: unknown key '{prefix}{key}' (known: {', '.join(sorted(names))})")
     kwargs = {}
     for f in dataclasses.fields(cls):
@@ -200,39 +204,77 @@ def _build(cls, data: dict, prefix: str, source: str, overridden: frozenset = fr
     return cls(**kwargs)
 
 
-def _validate(cfg: RunConfig, source: str) -> None:
+# Opsets each exporter really writes (measured with torch 2.14): the dynamo exporter silently moves an opset
+# below 18 up to 18; the TorchScript exporter refuses above 23.
+OPSETS = {True: (18, 25), False: (7, 23)}
+
+
+def _validate(cfg: RunConfig, source: str, overridden: frozenset = frozenset()) -> None:
     flat = flatten(cfg)
+
+    def fail(key: str, expected: str):
+        src = "--set" if key in overridden else source
+        raise ConfigError(f"{src}: {key}: expected {expected}, got {flat[key]!r}")
+
+    for key, value in flat.items():
+        values = value if isinstance(value, tuple) else (value,)
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            fail(key, "a finite number")
     levels = ("disable", "basic", "extended", "all")
     if not flat["bench.optimizations"] or any(o not in levels for o in flat["bench.optimizations"]):
-        raise ConfigError(f"{source}: bench.optimizations: expected a non-empty list from {', '.join(levels)}, "
-                          f"got {list(flat['bench.optimizations'])!r}")
+        fail("bench.optimizations", f"a non-empty list from {', '.join(levels)}")
     for key, choices in CHOICES.items():
         if flat[key] not in choices:
-            raise ConfigError(f"{source}: {key}: expected one of {', '.join(choices)}, got {flat[key]!r}")
+            fail(key, f"one of {', '.join(choices)}")
     for key in NON_NEGATIVE:
         if flat[key] < 0:
-            raise ConfigError(f"{source}: {key}: expected >= 0, got {flat[key]!r}")
+            fail(key, ">= 0")
     for key in POSITIVE:
         if flat[key] <= 0:
-            raise ConfigError(f"{source}: {key}: expected > 0, got {flat[key]!r}")
+            fail(key, "> 0")
+    for key in ("train.attack.eps_255", "eval.eps_255"):
+        if not 0 < flat[key] <= 255:
+            fail(key, "a radius in (0, 255] (units of 1/255)")
+    if cfg.train.attack.kind == "pgd" and cfg.train.attack.step_255 > cfg.train.attack.eps_255:
+        fail("train.attack.step_255", f"a step <= train.attack.eps_255 = {cfg.train.attack.eps_255}")
+    if cfg.eval.step_255 > cfg.eval.eps_255:
+        fail("eval.step_255", f"a step <= eval.eps_255 = {cfg.eval.eps_255}")
+    if not 0 <= cfg.train.momentum < 1:
+        fail("train.momentum", "a value in [0, 1)")
+    if cfg.train.nesterov and cfg.train.momentum == 0:
+        fail("train.nesterov", "false when train.momentum = 0 (Nesterov needs momentum)")
+    for key in ("train.lr_gamma", "prune.lr_gamma"):
+        if not 0 < flat[key] <= 1:
+            fail(key, "a decay factor in (0, 1]")
+    if cfg.model.noise_coef < 0:
+        fail("model.noise_coef", ">= 0 (0 = no noise)")
+    if not 0 < cfg.data.val_size < 50_000:
+        fail("data.val_size", "between 1 and 49,999 (the train stage selects its checkpoint on this split)")
+    low, high = OPSETS[cfg.export.dynamo]
+    if not low <= cfg.export.opset <= high:
+        fail("export.opset", f"{low}..{high} with export.dynamo = {str(cfg.export.dynamo).lower()}")
+    if cfg.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            fail("device", '"cpu" or "auto": torch sees no CUDA device here')
     align = cfg.prune.align
     if not (align == "auto" or isinstance(align, int) and align >= 1):
-        raise ConfigError(f"{source}: prune.align: expected a positive integer or \"auto\", got {align!r}")
+        fail("prune.align", 'a positive integer or "auto"')
     if align != 1 and cfg.prune.groups != "coupled":
-        raise ConfigError(f"{source}: prune.align: {align!r} needs prune.groups = \"coupled\" "
-                          f"(paper groups are conv input slices, not whole channels), got {cfg.prune.groups!r}")
+        fail("prune.align", f'1 unless prune.groups = "coupled" (paper groups are conv input slices, not whole '
+                            f'channels; prune.groups is {cfg.prune.groups!r})')
     for key, minimum in (("bench.threads", 0), ("bench.batches", 1)):
         values = flat[key]
         if not values or any(v < minimum for v in values):
-            raise ConfigError(f"{source}: {key}: expected a non-empty list of integers >= {minimum}, "
-                              f"got {list(values)!r}")
+            fail(key, f"a non-empty list of integers >= {minimum}")
     for key in ("train.lr_milestones", "prune.lr_milestones"):
         ms = flat[key]
         if any(not 0 < m <= 1 for m in ms) or list(ms) != sorted(ms):
-            raise ConfigError(f"{source}: {key}: expected increasing fractions in (0, 1], got {list(ms)!r}")
+            fail(key, "increasing fractions in (0, 1]")
     from models import list_models
     if cfg.model.arch not in list_models():
-        raise ConfigError(f"{source}: model.arch: expected one of {', '.join(list_models())}, got {cfg.model.arch!r}")
+        fail("model.arch", f"one of {', '.join(list_models())}")
 
 
 def flatten(obj, prefix: str = "") -> dict:
@@ -268,13 +310,23 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
     if path is not None:
         p = Path(path)
         try:
-            data = tomllib.loads(p.read_text())
+            raw = p.read_bytes()
+            # utf-8-sig: a BOM (as some Windows editors write) is accepted and dropped
+            data = tomllib.loads(raw.decode("utf-8-sig"))
         except FileNotFoundError:
             raise ConfigError(f"{source}: file not found") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{source}: cannot read: {type(e).__name__}: {e.strerror or e}") from None
+        except IsADirectoryError:
+            raise ConfigError(f"{source}: is a directory, expected a TOML file") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{source}: not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start}); "
+                              "save the file as UTF-8") from None
+        except OSError as e:
+            raise ConfigError(f"{source}: cannot read: {e.strerror or e}") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{source}: invalid TOML: {e}") from None
+        if not data:
+            raise ConfigError(f"{source}: empty config; expected at least name and the [model], [train] and "
+                              "[prune] settings (defaults alone are the 200 + 200-epoch paper recipe)")
     for text in overrides:
         keys, value = _parse_override(text, "--set")
         node = data
@@ -285,5 +337,5 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
         node[keys[-1]] = value
         overridden.add(".".join(keys))
     cfg = _build(RunConfig, data, "", source, frozenset(overridden))
-    _validate(cfg, source)
+    _validate(cfg, source, frozenset(overridden))
     return cfg

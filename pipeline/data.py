@@ -7,11 +7,13 @@ from pathlib import Path
 
 import torch
 
+from .errors import UserError
+
 DATA_ROOT_ENV = "PIPELINE_DATA_ROOT"
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
-class DataError(RuntimeError):
+class DataError(UserError, RuntimeError):
     pass
 
 

@@ -16,13 +16,14 @@ from typing import Callable
 
 from .codeprint import code_fingerprint
 from .config import RunConfig, to_dict
+from .errors import ManifestError, UserError
 from .runio import sha256_file, sha256_json, write_json
 
 MANIFEST = "manifest.json"
 LOCK = ".lock"
 
 
-class RunDirBusy(RuntimeError):
+class RunDirBusy(UserError, RuntimeError):
     """Another process holds the run directory's lock."""
 
 
@@ -98,13 +99,38 @@ def _now() -> str:
 
 
 def load_manifest(run_dir: Path) -> dict:
+    """The run folder's manifest, {} for a new folder. A damaged or foreign one is refused, never replaced: it is
+    the record of hours of finished stages, and rerunning them silently would throw that away."""
     path = run_dir / MANIFEST
     if not path.exists():
         return {}
+    advice = "restore it, or move it aside to rerun every stage in this folder"
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return {}  # a damaged manifest only costs a rerun
+        manifest = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ManifestError(f"{path}: damaged, not readable JSON ({type(e).__name__} at byte "
+                            f"{getattr(e, 'pos', getattr(e, 'start', '?'))}); {advice}") from None
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise ManifestError(f"{path}: not a pipeline manifest ({problem}); {advice}")
+    return manifest
+
+
+def _manifest_problem(manifest) -> str | None:
+    if not isinstance(manifest, dict):
+        return f"top level is a {type(manifest).__name__}, expected an object"
+    stages = manifest.get("stages", {})
+    if not isinstance(stages, dict):
+        return "'stages' is not an object"
+    for name, entry in stages.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("status"), str):
+            return f"stage {name!r} has no status"
+        outputs = entry.get("outputs", {})
+        if not isinstance(outputs, dict) or not all(
+                isinstance(o, dict) and isinstance(o.get("path"), str) and isinstance(o.get("sha256"), str)
+                for o in outputs.values()):
+            return f"stage {name!r} has malformed outputs"
+    return None
 
 
 def stage_key(stage: Stage, cfg: RunConfig, manifest: dict, *, code: bool = True) -> str:

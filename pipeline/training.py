@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from models import noise_disabled
 
 from .data import Split, batches
+from .errors import TrainingDiverged
 
 
 def step_lr(epoch: int, *, base_lr: float, epochs: int, milestones: tuple[float, ...], gamma: float) -> float:
@@ -38,11 +39,15 @@ def train_epoch(model, split: Split, optimizer, *, batch_size: int, attack, gene
     start = time.perf_counter()
     n_batches = (len(split) + batch_size - 1) // batch_size
     it = batches(split, batch_size, shuffle=True, generator=generator, augment_images=augment, device=device)
-    for x, y in tqdm(it, total=n_batches, desc=progress, leave=False, disable=None if progress else True, mininterval=2):
+    bar = tqdm(it, total=n_batches, desc=progress, leave=False, disable=None if progress else True, mininterval=2)
+    for batch_index, (x, y) in enumerate(bar, start=1):
         if attack is not None:
             x = attack(model, x, y, generator)
         logits = model(x)
         loss = F.cross_entropy(logits, y)
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(f"{progress or 'training'}: the loss became {float(loss)} at batch "
+                                   f"{batch_index}/{n_batches} (lr = {lr}); lower the learning rate")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if sparsifier is not None:

@@ -260,3 +260,79 @@ def test_bench_threads_and_batches_are_lists():
     assert "bench.threads" in config_error(None, ["bench.threads=[-1]"])
     assert "bench.batches" in config_error(None, ["bench.batches=[]"])
     assert "bench.batches" in config_error(None, ["bench.batches=[0]"])
+
+
+# --------------------------------------------------------------------------- values that used to run to exit 0
+
+@pytest.mark.parametrize("override,key", [
+    ("train.attack.eps_255=300", "train.attack.eps_255"),
+    ("train.attack.eps_255=0", "train.attack.eps_255"),
+    ("eval.step_255=100", "eval.step_255"),                 # step larger than the eval radius
+    ("train.attack.step_255=9", "train.attack.step_255"),   # pgd step > eps 8
+    ("train.lr=nan", "train.lr"),
+    ("prune.beta=inf", "prune.beta"),
+    ("prune.lambda1=-inf", "prune.lambda1"),
+    ("model.noise_coef=-0.1", "model.noise_coef"),
+    ("train.momentum=2", "train.momentum"),
+    ("train.momentum=1", "train.momentum"),
+    ("train.lr_gamma=0", "train.lr_gamma"),
+    ("prune.lr_gamma=1.5", "prune.lr_gamma"),
+    ("data.val_size=0", "data.val_size"),
+    ("export.opset=7", "export.opset"),                      # dynamo would silently write opset 18
+    ("train.lr_milestones=[0.5, nan]", "train.lr_milestones"),
+])
+def test_nonsense_values_are_refused_naming_set(override, key):
+    msg = config_error(None, [override])
+    assert msg.startswith("--set: ") and key in msg, msg
+
+
+def test_nesterov_needs_momentum():
+    msg = config_error(None, ["train.momentum=0"])
+    assert "train.nesterov" in msg and "momentum" in msg
+    assert load_config(None, ["train.momentum=0", "train.nesterov=false"]).train.momentum == 0
+
+
+def test_opset_ranges_follow_the_exporter():
+    assert load_config(None, ["export.opset=7", "export.dynamo=false"]).export.opset == 7
+    assert "export.opset" in config_error(None, ["export.opset=24", "export.dynamo=false"])
+    assert load_config(None, ["export.opset=21"]).export.opset == 21
+
+
+def test_cuda_without_gpu_is_refused_at_load(monkeypatch):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    msg = config_error(None, ["device=cuda"])
+    assert "device" in msg and "CUDA" in msg
+
+
+def test_value_from_file_blames_the_file(tmp_path):
+    path = write(tmp_path, "[train]\nmomentum = 2.0\n")
+    msg = config_error(path)
+    assert msg.startswith(str(path)) and "train.momentum" in msg
+
+
+def test_latin1_config_names_the_encoding(tmp_path):
+    p = tmp_path / "latin1.toml"
+    p.write_bytes('name = "caf\xe9"\n'.encode("latin-1"))
+    msg = config_error(p)
+    assert "UTF-8" in msg and str(p) in msg and "0xe9" in msg
+
+
+def test_bom_is_accepted(tmp_path):
+    p = tmp_path / "bom.toml"
+    p.write_bytes(b"\xef\xbb\xbfname = \"bom\"\n")
+    assert load_config(p).name == "bom"
+
+
+def test_empty_config_is_an_error(tmp_path):
+    msg = config_error(write(tmp_path, "# nothing here\n"))
+    assert "empty config" in msg
+
+
+def test_directory_as_config(tmp_path):
+    assert "directory" in config_error(tmp_path)
+
+
+def test_unknown_section_from_set_blames_set(tmp_path):
+    msg = config_error(write(tmp_path, 'name = "x"\n'), ["nosuch.key=1"])
+    assert msg.startswith("--set: ") and "nosuch" in msg

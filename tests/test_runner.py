@@ -94,7 +94,7 @@ def test_config_change_reruns_from_the_stage_that_uses_it(toy, tmp_path):
     _, ran, _ = toy.run(tmp_path, ["prune.lambda1=0.5", "bench.runs=7"])
     assert ran == {"c"}
     # a section nobody uses changes nothing
-    _, ran, _ = toy.run(tmp_path, ["prune.lambda1=0.5", "bench.runs=7", "export.opset=17"])
+    _, ran, _ = toy.run(tmp_path, ["prune.lambda1=0.5", "bench.runs=7", "export.opset=19"])
     assert ran == set()
     # the first stage's section reruns everything
     _, ran, _ = toy.run(tmp_path, ["prune.lambda1=0.5", "bench.runs=7", "seed=3"])
@@ -200,12 +200,20 @@ def test_manifest_contents(toy, tmp_path):
     assert b["outputs"]["b"]["sha256"] == hashlib.sha256((tmp_path / "b" / "b.txt").read_bytes()).hexdigest()
 
 
-def test_corrupt_manifest_costs_a_rerun(toy, tmp_path):
+@pytest.mark.parametrize("damage", [b"{not json", b"\x00\xff\x10binary", b"[1, 2, 3]", b'{"stages": []}',
+                                    b'{"stages": {"a": {"status": "done", "outputs": {"a": "a/a.txt"}}}}'])
+def test_damaged_or_foreign_manifest_refuses_in_one_line(toy, tmp_path, damage):
+    from pipeline.errors import ManifestError
+
     toy.run(tmp_path)
-    (tmp_path / MANIFEST).write_text("{not json")
-    _, ran, _ = toy.run(tmp_path)
-    assert ran == {"a", "b", "c"}
-    read_manifest(tmp_path)
+    (tmp_path / MANIFEST).write_bytes(damage)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(ManifestError) as e:
+        toy.run(tmp_path)
+    msg = str(e.value)
+    assert "\n" not in msg and str(tmp_path / MANIFEST) in msg and "move it aside" in msg
+    assert toy.calls == Counter(a=1, b=1, c=1)                  # nothing reran
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
 # --------------------------------------------------------------------------- code fingerprints
