@@ -49,6 +49,9 @@ def load_cifar10(root: str = "", download: bool = True) -> tuple[Split, Split]:
     if not have and not download:
         raise DataError(f"CIFAR-10 not found: {path}/cifar-10-batches-py is missing and data.download = false "
                         f"(set data.root or ${DATA_ROOT_ENV})")
+    if have:
+        verify_cifar10_files(path / CIFAR10.base_folder, CIFAR10.train_list + CIFAR10.test_list +
+                             [[CIFAR10.meta["filename"], CIFAR10.meta["md5"]]])
     try:
         splits = [CIFAR10(str(path), train=t, download=not have and download) for t in (True, False)]
     except Exception as e:  # torchvision raises URLError/RuntimeError variants; one line is what the user needs
@@ -60,6 +63,21 @@ def load_cifar10(root: str = "", download: bool = True) -> tuple[Split, Split]:
         images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
         out.append(Split(images, torch.tensor(ds.targets, dtype=torch.int64)))
     return out[0], out[1]
+
+
+def verify_cifar10_files(folder: Path, expected: list) -> None:
+    """Every file of the release present with its published MD5; else one line naming the file."""
+    import hashlib
+
+    for name, md5 in expected:
+        f = folder / name
+        if not f.is_file():
+            raise DataError(f"{f}: missing from the CIFAR-10 folder (expected md5 {md5}); copy the complete "
+                            "cifar-10-batches-py folder, or remove it and set data.download = true")
+        digest = hashlib.md5(f.read_bytes()).hexdigest()
+        if digest != md5:
+            raise DataError(f"{f}: damaged (md5 {digest}, expected {md5}, {f.stat().st_size:,} bytes); replace it "
+                            "from an intact copy, or remove the folder and set data.download = true")
 
 
 def train_val_split(train: Split, val_size: int, seed: int) -> tuple[Split, Split]:

@@ -1,6 +1,7 @@
 """report.json / report.md (+ two PNG plots): one entry per ONNX artifact, dense next to pruned."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from .runio import atomic_write_bytes, atomic_write_text, write_json
@@ -39,12 +40,15 @@ def build_report(manifest: dict) -> dict:
     speedup = [{**s, "mac_reduction": mac_reduction, "efficiency": s["speedup"] / mac_reduction}
                for s in bench["speedup"]]
     headline = next((s for s in speedup if s["batch"] == 1 and s["threads"] == 1), speedup[0])
+    sanity = sanity_checks(models)
     # The pruned model's accuracy is measured on the masked model before surgery; surgery is exact
     # with noise off (max_abs_diff below), so the numbers carry over to the physically pruned graph.
     return {
         "run": cfg["name"],
         "git_commit": manifest.get("git_commit"),
         "models": models,
+        "sanity": sanity,
+        "sanity_failures": sum(not c["ok"] for c in sanity),
         "prune": {"groups": prune.get("groups", "paper"), "align": prune.get("align", 1),
                   "family_widths": prune.get("family_widths", {})},
         "surgery": {k: surgery[k] for k in ("max_abs_diff", "removed_channels", "zero_channels", "total_channels",
@@ -64,6 +68,31 @@ def build_report(manifest: dict) -> dict:
             "efficiency": "latency speed-up / MAC reduction (MACs: torch-pruning count, noise off)",
         },
     }
+
+
+def sanity_checks(models: list[dict], num_classes: int = 10) -> list[dict]:
+    """Checks every honest result passes; a failure is a red line in report.md, never a quiet number.
+
+    - above chance: natural accuracy more than 3 binomial standard errors above 1/num_classes;
+    - each attack's accuracy <= the natural accuracy it attacks (noise on: 1 point slack for the test-time noise);
+    - the attack orderings the evaluation checked itself (``attack_sanity``)."""
+    out = []
+    for m in models:
+        acc, n = m["accuracy"], m["accuracy_images"]
+        chance = 100.0 / num_classes
+        limit = chance + 300.0 * math.sqrt(chance / 100 * (1 - chance / 100) / max(n, 1))
+        out.append({"model": m["variant"], "check": "above_chance", "ok": acc["natural"] > limit,
+                    "detail": f"natural {acc['natural']:.2f}% vs chance {chance:.0f}% (+3 SE = {limit:.1f}% "
+                              f"on {n} images)"})
+        for k, v in acc.items():
+            if k.startswith("natural"):
+                continue
+            base, slack = ("natural_noise_off", 0.0) if k.endswith("_noise_off") else ("natural", 1.0)
+            out.append({"model": m["variant"], "check": f"{k}_not_above_natural", "ok": v <= acc[base] + slack,
+                        "detail": f"{k} {v:.2f}% vs {base} {acc[base]:.2f}%"})
+        out += [{"model": m["variant"], "check": k, "ok": bool(ok), "detail": "evaluation-time attack check"}
+                for k, ok in m.get("attack_sanity", {}).items()]
+    return out
 
 
 def _fmt(v) -> str:
@@ -88,7 +117,11 @@ def render_markdown(report: dict) -> str:
     h, s, pr = report["headline"], report["surgery"], report["prune"]
     rows = [("params", "params"), ("MACs", "macs"), ("ONNX params", "onnx_params"), ("ONNX MACs", "onnx_macs"),
             ("channel sparsity (%)", "channel_sparsity"), ("weight sparsity (%)", "weight_sparsity")]
-    lines = [f"# Run `{report['run']}`", "", f"commit `{report['git_commit']}`", "",
+    lines = [f"# Run `{report['run']}`", ""]
+    lines += [f"> **SANITY CHECK FAILED** ({c['model']}, {c['check']}): {c['detail']}" for c in report["sanity"]
+              if not c["ok"]]
+    lines += ["" if report["sanity_failures"] else "All sanity checks passed (report.json `sanity`).", "",
+              f"commit `{report['git_commit']}`", "",
              f"**Speed-up {h['speedup']:.2f}x** (dense-best {h['dense_p50_ms']:.3f} ms, ORT {h['dense_level']} ÷ "
              f"pruned-best {h['pruned_p50_ms']:.3f} ms, ORT {h['pruned_level']}; batch {h['batch']}, "
              f"{h['threads']} thread(s)) for a **{h['mac_reduction']:.2f}x** MAC reduction: efficiency "

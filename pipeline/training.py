@@ -46,7 +46,7 @@ def train_epoch(model, split: Split, optimizer, *, batch_size: int, attack, gene
         logits = model(x)
         loss = F.cross_entropy(logits, y)
         if not torch.isfinite(loss):
-            raise TrainingDiverged(f"{progress or 'training'}: the loss became {float(loss)} at batch "
+            raise TrainingDiverged(f"{progress or 'training'}: the loss became {float(loss.detach())} at batch "
                                    f"{batch_index}/{n_batches} (lr = {lr}); lower the learning rate")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -1,5 +1,6 @@
 """CIFAR-10 loading, splitting and augmentation on the real files ($PIPELINE_DATA_ROOT; see conftest.cifar_root)."""
 import hashlib
+import os
 
 import pytest
 import torch
@@ -192,3 +193,26 @@ def test_missing_data_fails_under_ci_and_skips_elsewhere(tmp_path, ci, outcome):
     assert f"1 {outcome}" in proc.stdout, proc.stdout[-2000:]
     assert (proc.returncode != 0) == (outcome == "error")   # a fixture failure is reported as an error
     assert repo.is_dir()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "random", "swap", "missing"])
+def test_damaged_batch_file_names_the_file_and_checksum(cifar_root, tmp_path, damage):
+    """A copy of the release with one file damaged: one line naming that file and its published md5."""
+    src = cifar_root / "cifar-10-batches-py"
+    dst = tmp_path / "cifar-10-batches-py"
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).symlink_to(f)
+    target = dst / "data_batch_3"
+    target.unlink()
+    if damage == "truncate":
+        target.write_bytes((src / "data_batch_3").read_bytes()[:1000])
+    elif damage == "random":
+        target.write_bytes(os.urandom(2000))
+    elif damage == "swap":
+        target.symlink_to(src / "data_batch_4")     # an intact file of the release, under the wrong name
+    with pytest.raises(DataError) as e:
+        load_cifar10(str(tmp_path), download=False)
+    msg = str(e.value)
+    assert "\n" not in msg and str(target) in msg and "54ebc095f3ab1f0389bbae665268c751" in msg
+    assert ("missing" if damage == "missing" else "damaged") in msg

@@ -136,7 +136,10 @@ def test_report_fields(smoke):
     assert h["efficiency"] == pytest.approx(h["speedup"] * models[1]["macs"] / models[0]["macs"])
     for name in r["plots"].values():
         assert (smoke.out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # quality guards: counted in report.json, one red line each at the top of report.md
+    assert r["sanity"] and r["sanity_failures"] == sum(not c["ok"] for c in r["sanity"])
     md = (smoke.out / "report.md").read_text()
+    assert md.count("SANITY CHECK FAILED") == r["sanity_failures"]
     assert "widths.png" in md and "accuracy_vs_latency" not in md and "accuracy_latency.png" in md
 
 

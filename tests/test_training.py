@@ -1,4 +1,7 @@
 import pytest
+import torch
+
+import models
 
 from pipeline.training import step_lr
 
@@ -18,3 +21,19 @@ def test_paper_schedule_200_epochs():
 def test_short_runs_start_at_base_lr():
     assert lrs(1, (0.4, 0.6, 0.8)) == [0.1]          # no milestone may land on epoch 0
     assert lrs(5, (0.6, 0.8)) == pytest.approx([0.1, 0.1, 0.1, 0.01, 0.001])
+
+
+def test_nan_loss_stops_training_naming_epoch_and_batch():
+    from pipeline.data import Split
+    from pipeline.errors import TrainingDiverged
+    from pipeline.training import train_epoch
+
+    torch.manual_seed(0)
+    model = models.create_model("test_resnet", ensemble=1, noise_coef=0.0)
+    split = Split(torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 10, (64,)))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with torch.no_grad():
+        model.members[0].linear.weight.fill_(float("nan"))
+    with pytest.raises(TrainingDiverged, match=r"train 3/5: the loss became nan at batch 1/2 \(lr = 0.1\)"):
+        train_epoch(model, split, optimizer, batch_size=32, attack=None, generator=torch.Generator().manual_seed(0),
+                    augment=False, device="cpu", progress="train 3/5")
