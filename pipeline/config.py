@@ -212,9 +212,11 @@ OPSETS = {True: (18, 25), False: (7, 23)}
 def _validate(cfg: RunConfig, source: str, overridden: frozenset = frozenset()) -> None:
     flat = flatten(cfg)
 
-    def fail(key: str, expected: str):
-        src = "--set" if key in overridden else source
-        raise ConfigError(f"{src}: {key}: expected {expected}, got {flat[key]!r}")
+    def fail(key: str, expected: str, involved: tuple[str, ...] = ()):
+        # a rule between keys blames --set when any key it involves came from there
+        src = "--set" if key in overridden or any(k in overridden for k in involved) else source
+        value = list(flat[key]) if isinstance(flat[key], tuple) else flat[key]
+        raise ConfigError(f"{src}: {key}: expected {expected}, got {value!r}")
 
     for key, value in flat.items():
         values = value if isinstance(value, tuple) else (value,)
@@ -236,13 +238,14 @@ def _validate(cfg: RunConfig, source: str, overridden: frozenset = frozenset()) 
         if not 0 < flat[key] <= 255:
             fail(key, "a radius in (0, 255] (units of 1/255)")
     if cfg.train.attack.kind == "pgd" and cfg.train.attack.step_255 > cfg.train.attack.eps_255:
-        fail("train.attack.step_255", f"a step <= train.attack.eps_255 = {cfg.train.attack.eps_255}")
+        fail("train.attack.step_255", f"a step <= train.attack.eps_255 = {cfg.train.attack.eps_255}",
+             ("train.attack.eps_255",))
     if cfg.eval.step_255 > cfg.eval.eps_255:
-        fail("eval.step_255", f"a step <= eval.eps_255 = {cfg.eval.eps_255}")
+        fail("eval.step_255", f"a step <= eval.eps_255 = {cfg.eval.eps_255}", ("eval.eps_255",))
     if not 0 <= cfg.train.momentum < 1:
         fail("train.momentum", "a value in [0, 1)")
     if cfg.train.nesterov and cfg.train.momentum == 0:
-        fail("train.nesterov", "false when train.momentum = 0 (Nesterov needs momentum)")
+        fail("train.nesterov", "false when train.momentum = 0 (Nesterov needs momentum)", ("train.momentum",))
     for key in ("train.lr_gamma", "prune.lr_gamma"):
         if not 0 < flat[key] <= 1:
             fail(key, "a decay factor in (0, 1]")
@@ -252,7 +255,8 @@ def _validate(cfg: RunConfig, source: str, overridden: frozenset = frozenset()) 
         fail("data.val_size", "between 1 and 49,999 (the train stage selects its checkpoint on this split)")
     low, high = OPSETS[cfg.export.dynamo]
     if not low <= cfg.export.opset <= high:
-        fail("export.opset", f"{low}..{high} with export.dynamo = {str(cfg.export.dynamo).lower()}")
+        fail("export.opset", f"{low}..{high} with export.dynamo = {str(cfg.export.dynamo).lower()}",
+             ("export.dynamo",))
     if cfg.device == "cuda":
         import torch
 
@@ -263,7 +267,7 @@ def _validate(cfg: RunConfig, source: str, overridden: frozenset = frozenset()) 
         fail("prune.align", 'a positive integer or "auto"')
     if align != 1 and cfg.prune.groups != "coupled":
         fail("prune.align", f'1 unless prune.groups = "coupled" (paper groups are conv input slices, not whole '
-                            f'channels; prune.groups is {cfg.prune.groups!r})')
+                            f'channels; prune.groups is {cfg.prune.groups!r})', ("prune.groups",))
     for key, minimum in (("bench.threads", 0), ("bench.batches", 1)):
         values = flat[key]
         if not values or any(v < minimum for v in values):

@@ -1,0 +1,235 @@
+"""Every catalogued user mistake through the CLI entry point (``pipeline.cli.main``, what the ``pipeline``
+script calls): exit 2 (1 only for the internal-error path), one line on stderr naming the problem, no traceback,
+and a previous run folder left byte-for-byte unchanged. docs/errors.md documents each case by its id."""
+import errno
+import fcntl
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from pipeline import cli
+
+REPO = Path(__file__).resolve().parent.parent
+SMOKE = str(REPO / "configs" / "smoke.toml")
+
+
+def toml(tmp, text, name="cfg.toml"):
+    p = tmp / name
+    p.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return str(p)
+
+
+def sets(*overrides):
+    """A case that runs the smoke config with --set overrides against the previous run folder."""
+    def setup(tmp, prev, mp):
+        args = ["run", "--config", SMOKE, "--out", str(prev)]
+        for o in overrides:
+            args += ["--set", o]
+        return args
+    return setup
+
+
+def config_file(text):
+    def setup(tmp, prev, mp):
+        return ["run", "--config", toml(tmp, text), "--out", str(prev)]
+    return setup
+
+
+def fresh_out_with(*overrides, data=None):
+    """The smoke config into a fresh folder (data errors surface inside the first stage)."""
+    def setup(tmp, prev, mp):
+        args = ["run", "--config", SMOKE, "--out", str(tmp / "fresh")]
+        if data:
+            args += ["--set", f"data.root={json.dumps(str(data(tmp)))}", "--set", "data.download=false"]
+        for o in overrides:
+            args += ["--set", o]
+        return args
+    return setup
+
+
+def empty_data(tmp):
+    (tmp / "nodata").mkdir()
+    return tmp / "nodata"
+
+
+def damaged_data(tmp):
+    import os
+
+    src = Path(os.environ["PIPELINE_DATA_ROOT"]) / "cifar-10-batches-py"
+    dst = tmp / "damaged" / "cifar-10-batches-py"
+    dst.mkdir(parents=True)
+    for f in src.iterdir():
+        if f.name == "data_batch_2":
+            (dst / f.name).write_bytes(f.read_bytes()[:5000])
+        else:
+            (dst / f.name).symlink_to(f)
+    return tmp / "damaged"
+
+
+def out_is_file(tmp, prev, mp):
+    (tmp / "afile").write_text("x")
+    return ["run", "--config", SMOKE, "--out", str(tmp / "afile")]
+
+
+def out_below_file(tmp, prev, mp):
+    (tmp / "afile").write_text("x")
+    return ["run", "--config", SMOKE, "--out", str(tmp / "afile" / "run")]
+
+
+def out_read_only(tmp, prev, mp):
+    # root ignores permission bits, so the refusal the OS would give is injected where the folder is made
+    def deny(self, *a, **k):
+        raise PermissionError(errno.EACCES, "Permission denied", str(self))
+    mp.setattr(Path, "mkdir", deny)
+    return ["run", "--config", SMOKE, "--out", str(tmp / "ro" / "run")]
+
+
+def disk_full(tmp, prev, mp):
+    import pipeline.runio as runio
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    mp.setattr(runio, "atomic_write_bytes", full)
+    mp.setattr("pipeline.runner.write_json", lambda path, obj: full(path, b""))
+    return ["run", "--config", SMOKE, "--out", str(tmp / "full")]
+
+
+def damaged_manifest(content):
+    def setup(tmp, prev, mp):
+        import shutil
+
+        other = tmp / "other"
+        shutil.copytree(prev, other)
+        (other / "manifest.json").write_bytes(content)
+        return ["run", "--config", SMOKE, "--out", str(other)]
+    return setup
+
+
+def locked(tmp, prev, mp):
+    f = open(prev / ".lock", "a")
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    mp.setattr("tests.test_errors_catalogue._held", f, raising=False)   # keep it open until the case ends
+    return ["run", "--config", SMOKE, "--out", str(prev)]
+
+
+def no_cuda(tmp, prev, mp):
+    import torch
+    mp.setattr(torch.cuda, "is_available", lambda: False)
+    return sets("device=cuda")(tmp, prev, mp)
+
+
+def interrupted_at_start(tmp, prev, mp):
+    def ctrl_c(*a, **k):
+        raise KeyboardInterrupt
+    mp.setattr("pipeline.config.load_config", ctrl_c)
+    return ["run", "--config", SMOKE, "--out", str(prev)]
+
+
+def internal_error(tmp, prev, mp):
+    def bug(*a, **k):
+        raise ValueError("an internal bug")
+    mp.setattr("pipeline.runner.run_pipeline", bug)
+    return ["run", "--config", SMOKE, "--out", str(tmp / "bug")]
+
+
+# id -> (setup, expected fragment of the message, exit code)
+CASES = {
+    "config-missing": (lambda t, p, m: ["run", "--config", str(t / "nope.toml"), "--out", str(p)], "file not found", 2),
+    "config-is-directory": (lambda t, p, m: ["run", "--config", str(t), "--out", str(p)], "is a directory", 2),
+    "config-invalid-toml": (config_file("name = \n"), "invalid TOML", 2),
+    "config-latin1": (config_file('name = "caf\xe9"\n'.encode("latin-1")), "not UTF-8", 2),
+    "config-empty": (config_file("# nothing\n"), "empty config", 2),
+    "config-unknown-key": (config_file('name = "x"\nepochs = 3\n'), "unknown key 'epochs'", 2),
+    "config-unknown-section": (config_file('name = "x"\n[trian]\nepochs = 3\n'), "unknown key 'trian'", 2),
+    "config-unknown-nested-key": (config_file('name = "x"\n[train]\nepoch = 3\n'), "unknown key 'train.epoch'", 2),
+    "config-wrong-type": (config_file('name = "x"\n[train]\nepochs = "ten"\n'), "train.epochs: expected int", 2),
+    "set-malformed": (sets("prune.lambda1"), "expected section.key=value", 2),
+    "set-unknown-section": (sets("nosuch.key=1"), "--set: unknown key 'nosuch'", 2),
+    "set-into-a-value": (sets("name.x=1"), "'name' is not a section", 2),
+    "unknown-arch": (sets("model.arch=resnet1000"), "model.arch", 2),
+    "unknown-attack": (sets("train.attack.kind=cw"), "train.attack.kind", 2),
+    "eps-out-of-range": (sets("train.attack.eps_255=300"), "train.attack.eps_255", 2),
+    "eval-step-above-eps": (sets("eval.step_255=100"), "eval.step_255", 2),
+    "lr-nan": (sets("train.lr=nan"), "train.lr: expected a finite number", 2),
+    "beta-inf": (sets("prune.beta=inf"), "prune.beta: expected a finite number", 2),
+    "negative-noise": (sets("model.noise_coef=-0.1"), "model.noise_coef", 2),
+    "momentum-above-one": (sets("train.momentum=2"), "train.momentum", 2),
+    "nesterov-without-momentum": (sets("train.momentum=0"), "--set: train.nesterov", 2),
+    "lr-gamma-zero": (sets("train.lr_gamma=0"), "train.lr_gamma", 2),
+    "val-size-zero": (sets("data.val_size=0"), "data.val_size", 2),
+    "opset-not-honoured": (sets("export.opset=7"), "export.opset", 2),
+    "cuda-without-gpu": (no_cuda, "torch sees no CUDA device", 2),
+    "align-with-paper-groups": (sets("prune.align=16"), "prune.align", 2),
+    "unknown-groups": (sets("prune.groups=layers"), "prune.groups", 2),
+    "bench-threads-not-a-list": (sets("bench.threads=2"), "bench.threads: expected a list", 2),
+    "bench-batch-zero": (sets("bench.batches=[0]"), "bench.batches: expected a non-empty list of integers >= 1, got [0]", 2),
+    "milestones-decreasing": (sets("train.lr_milestones=[0.8, 0.4]"), "train.lr_milestones", 2),
+    "epochs-zero": (sets("train.epochs=0"), "train.epochs", 2),
+    "out-is-a-file": (out_is_file, "exists and is not a directory", 2),
+    "out-below-a-file": (out_below_file, "afile", 2),
+    "out-read-only": (out_read_only, "Permission denied", 2),
+    "disk-full": (disk_full, "No space left on device", 2),
+    "manifest-not-json": (damaged_manifest(b"{not json"), "damaged, not readable JSON", 2),
+    "manifest-binary": (damaged_manifest(b"\x00\xff\xfe\x01"), "damaged, not readable JSON", 2),
+    "manifest-foreign": (damaged_manifest(b'{"stages": {"train": 3}}'), "not a pipeline manifest", 2),
+    "run-folder-busy": (locked, "another 'pipeline run' is using this folder", 2),
+    "data-missing-offline": (fresh_out_with(data=empty_data), "CIFAR-10 not found", 2),
+    "data-damaged": (fresh_out_with(data=damaged_data), "data_batch_2: damaged", 2),
+    "ctrl-c-at-start-up": (interrupted_at_start, "interrupted", 2),
+    "internal-error": (internal_error, "internal error: ValueError: an internal bug (rerun with --debug", 1),
+}
+
+
+@pytest.fixture(scope="module")
+def previous_run(tmp_path_factory):
+    """A finished-looking run folder (manifest + outputs) that no mistake may touch."""
+    prev = tmp_path_factory.mktemp("prev") / "run"
+    (prev / "train").mkdir(parents=True)
+    (prev / "train" / "model.pt").write_bytes(b"weights")
+    import hashlib
+    manifest = {"stages": {"train": {"status": "done", "key": "k", "outputs": {"model_weights": {
+        "path": "train/model.pt", "sha256": hashlib.sha256(b"weights").hexdigest()}}}}}
+    (prev / "manifest.json").write_text(json.dumps(manifest))
+    (prev / "report.md").write_text("# previous\n")
+    return prev
+
+
+def snapshot(folder: Path) -> dict:
+    """Every file's bytes; the empty .lock file (the busy case holds it) carries no data and is left out."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
+
+
+def test_catalogue_is_large_enough():
+    assert len(CASES) >= 30
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_mistake_gives_one_line_and_changes_nothing(case, previous_run, tmp_path, monkeypatch, capsys,
+                                                    cifar_root):
+    setup, expected, code = CASES[case]
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    before = snapshot(previous_run)
+    argv = setup(tmp_path, previous_run, monkeypatch)
+    rc = cli.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == code, (case, rc, err)
+    assert "Traceback" not in err and err.count("\n") == 0, (case, err)
+    assert err.startswith("pipeline: ") and expected in err, (case, err)
+    monkeypatch.undo()
+    assert snapshot(previous_run) == before, case
+
+
+def test_debug_shows_the_traceback_of_an_internal_error(tmp_path, monkeypatch):
+    internal_error(tmp_path, tmp_path, monkeypatch)
+    with pytest.raises(ValueError, match="an internal bug"):
+        cli.main(["run", "--debug", "--config", SMOKE, "--out", str(tmp_path / "bug")])
+
+
+def test_every_case_is_documented():
+    doc = (REPO / "docs" / "errors.md").read_text()
+    documented = set(re.findall(r"^\| `([a-z0-9-]+)` \|", doc, flags=re.M))
+    assert documented == set(CASES), (set(CASES) - documented, documented - set(CASES))
+    assert "docs/errors.md" in (REPO / "README.md").read_text()
