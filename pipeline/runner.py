@@ -145,6 +145,12 @@ def stage_key(stage: Stage, cfg: RunConfig, manifest: dict, *, code: bool = True
     return sha256_json(parts)
 
 
+def _config_key(entry: dict) -> str | None:
+    """The entry's key without the code fingerprint. Entries written before fingerprints existed have no
+    ``code`` field, and their ``key`` was computed exactly that way."""
+    return entry.get("config_key") or (entry.get("key") if "code" not in entry else None)
+
+
 def _outputs_valid(run_dir: Path, entry: dict) -> bool:
     for out in entry.get("outputs", {}).values():
         path = run_dir / out["path"]
@@ -175,7 +181,7 @@ def _run_locked(cfg: RunConfig, run_dir: Path, stages: list[Stage], *, log, afte
         if done and entry.get("key") == key and _outputs_valid(run_dir, entry):
             log(f"[{stage.name}] skipped: up to date (key {key[:12]})")
             continue
-        if done and reuse_stale and entry.get("config_key") == stage_key(stage, cfg, manifest, code=False) \
+        if done and reuse_stale and _config_key(entry) == stage_key(stage, cfg, manifest, code=False) \
                 and _outputs_valid(run_dir, entry):
             entry["stale_code"] = {"built_with": entry.get("code"), "current": stage.code, "reused": _now()}
             write_json(run_dir / MANIFEST, manifest)

@@ -330,3 +330,17 @@ def test_second_run_on_the_same_folder_refuses_in_one_line(toy, tmp_path, capsys
         assert err.count("\n") == 0 and "another 'pipeline run'" in err and str(tmp_path) in err
         assert {p.name: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
     assert toy.run(tmp_path)[1] == set()             # released: runs (and skips) as usual
+
+
+def test_reuse_stale_accepts_entries_from_before_code_fingerprints(code_toy):
+    """A run folder from older versions: keys without a code part, no config_key/code fields."""
+    pkg, run = code_toy
+    manifest, _ = run()
+    run_dir = pkg.parent.parent / "run"
+    on_disk = read_manifest(run_dir)
+    for entry in on_disk["stages"].values():
+        entry["key"] = entry.pop("config_key")     # what the old runner wrote as the key
+        del entry["code"]
+    (run_dir / MANIFEST).write_text(json.dumps(on_disk))
+    assert run(reuse_stale=True)[1] == set()
+    assert run()[1] == {"a", "b", "c"}           # without the flag, unknown code means rerun
