@@ -13,6 +13,7 @@ import functools
 import hashlib
 import importlib.util
 from importlib import metadata
+from pathlib import Path
 
 PROJECT_PACKAGES = ("pipeline", "models", "export")
 DIST = "sparse-robust-pipeline"
@@ -31,7 +32,7 @@ def _imports(name: str, path: str) -> set[str]:
     """Absolute names of the modules ``name`` (at ``path``) imports, submodules of ``from x import y`` included."""
     package = name if path.endswith("__init__.py") else name.rpartition(".")[0]
     out = set()
-    for node in ast.walk(ast.parse(open(path, "rb").read(), path)):
+    for node in ast.walk(ast.parse(Path(path).read_bytes(), path)):
         if isinstance(node, ast.Import):
             out.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -74,5 +75,5 @@ def code_fingerprint(module: str) -> str:
         version = "unknown"
     h = hashlib.sha256(version.encode())
     for name in sorted(seen):
-        h.update(name.encode() + b"\0" + open(seen[name], "rb").read() + b"\0")
+        h.update(name.encode() + b"\0" + Path(seen[name]).read_bytes() + b"\0")
     return h.hexdigest()

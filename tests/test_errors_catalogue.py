@@ -107,10 +107,13 @@ def damaged_manifest(content):
     return setup
 
 
+HELD_LOCKS = []   # open lock files of the busy case, closed when the case ends
+
+
 def locked(tmp, prev, mp):
     f = open(prev / ".lock", "a")
     fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    mp.setattr("tests.test_errors_catalogue._held", f, raising=False)   # keep it open until the case ends
+    HELD_LOCKS.append(f)
     return ["run", "--config", SMOKE, "--out", str(prev)]
 
 
@@ -213,7 +216,11 @@ def test_mistake_gives_one_line_and_changes_nothing(case, previous_run, tmp_path
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     before = snapshot(previous_run)
     argv = setup(tmp_path, previous_run, monkeypatch)
-    rc = cli.main(argv)
+    try:
+        rc = cli.main(argv)
+    finally:
+        while HELD_LOCKS:
+            HELD_LOCKS.pop().close()
     err = capsys.readouterr().err.strip()
     assert rc == code, (case, rc, err)
     assert "Traceback" not in err and err.count("\n") == 0, (case, err)
