@@ -19,6 +19,13 @@ def _parser() -> argparse.ArgumentParser:
                      help="override a config value (repeatable), e.g. --set prune.lambda1=0.1")
     run.add_argument("--reuse-stale", action="store_true",
                      help="keep finished stages whose code changed since they ran (recorded in manifest.json)")
+    ev = sub.add_parser("eval", parents=[common],
+                        help="re-evaluate a finished run's models (eval + transfer stages; never retrains)")
+    ev.add_argument("--run", required=True, help="run directory written by 'pipeline run'")
+    ev.add_argument("--set", action="append", default=[], metavar="eval.KEY=VALUE",
+                    help="override an eval.* (or paper.*) setting, e.g. --set eval.images=200")
+    ev.add_argument("--reuse-stale", action="store_true",
+                    help="accept earlier stages whose code changed since they ran (as for 'pipeline run')")
     show = sub.add_parser("show-config", parents=[common], help="print the resolved config as TOML-like key = value lines")
     show.add_argument("--config", required=True)
     show.add_argument("--set", action="append", default=[])
@@ -53,6 +60,8 @@ def _main(argv: list[str] | None) -> int:
     from .errors import UserError
 
     try:
+        if args.command == "eval":
+            return _eval(args)
         cfg = load_config(args.config, args.set)
         if args.command == "show-config":
             for k, v in flatten(cfg).items():
@@ -85,6 +94,38 @@ def _main(argv: list[str] | None) -> int:
         print(f"pipeline: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
               "(rerun with --debug for the traceback)", file=sys.stderr)
         return 1
+
+
+def _eval(args) -> int:
+    """``pipeline eval --run DIR``: the run's recorded config (+ eval.*/paper.* overrides); every stage before
+    eval must be finished and up to date, so nothing is retrained."""
+    from .config import load_config
+    from .errors import UserError
+    from .report import write_report
+    from .runner import load_manifest, run_pipeline, stale_stages
+    from .stages import STAGES
+
+    run_dir = Path(args.run)
+    manifest = load_manifest(run_dir) if run_dir.is_dir() else {}
+    if not manifest.get("config"):
+        raise UserError(f"--run {run_dir}: no finished run here (no manifest.json with a config); "
+                        "run 'pipeline run --config ...' first")
+    for text in args.set:
+        if not text.split("=", 1)[0].strip().startswith(("eval.", "paper.")):
+            raise UserError(f"--set {text}: pipeline eval only changes eval.* and paper.* settings "
+                            "(anything else would retrain; use 'pipeline run')")
+    cfg = load_config(None, args.set, data=manifest["config"], source=f"{run_dir / 'manifest.json'} config")
+    upstream = [s for s in STAGES if s.name not in ("eval", "transfer", "bench")]
+    stale = stale_stages(cfg, run_dir, upstream, reuse_stale=args.reuse_stale)
+    if stale:
+        raise UserError(f"--run {run_dir}: stage(s) {', '.join(stale)} not finished or out of date with this "
+                        "code; finish the run with 'pipeline run' first, or accept code changes with --reuse-stale "
+                        "(pipeline eval never retrains)")
+    t0 = time.perf_counter()
+    manifest = run_pipeline(cfg, run_dir, STAGES, log=lambda m: print(m, flush=True), reuse_stale=args.reuse_stale)
+    write_report(run_dir, manifest)
+    print(f"done in {time.perf_counter() - t0:.1f}s: {run_dir / 'report.md'}", flush=True)
+    return 0
 
 
 if __name__ == "__main__":

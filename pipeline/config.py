@@ -60,6 +60,8 @@ class TrainConfig:
     attack: AttackConfig = field(default_factory=AttackConfig)
     val_attack_steps: int = 10      # PGD steps for checkpoint selection on the validation split
     val_subset: int = 0             # 0 = the whole validation split
+    # EnResNet's noise scale is the std of the whole batch activation, so validation accuracy depends on this.
+    val_batch_size: int = 256
     augment: bool = True
 
 
@@ -88,13 +90,42 @@ class PruneConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Final test-set evaluation of the train and prune outputs."""
-    pgd_steps: int = 20
+    """Stage ``eval``: test-set accuracy of the dense, masked and pruned models under attack."""
+    models: tuple[str, ...] = ("dense", "masked", "pruned")
+    attacks: tuple[str, ...] = ("fgsm", "ifgsm", "cw_paper", "pgd", "eot_pgd", "apgd_ce", "apgd_dlr")
+    images: int = 0             # 0 = the whole evaluated test set (data.test_subset); else a seeded subset of it
+    batch_size: int = 256
+    # The paper's columns, with its reference script's constants (in [0, 1] pixel units, not /255).
+    paper_eps_01: float = 0.031
+    paper_step_01: float = 0.007
+    ifgsm_steps: int = 20
+    cw_steps: int = 50
+    cw_lr: float = 6e-4
+    cw_c: float = 10.0
+    cw_kappa: float = 0.0
+    # Strong attacks.
     eps_255: float = 8.0
     step_255: float = 2.0
-    batch_size: int = 256
-    eot_samples: int = 1        # > 1: also attack the noisy model with EOT (gradients averaged over samples)
+    pgd_steps: int = 50
+    pgd_restarts: int = 2
+    eot_samples: int = 4        # EOT-PGD: input gradient averaged over this many noise draws (pgd_steps steps)
+    apgd_steps: int = 100
+    avg_passes: int = 8         # stochastic model: also score with the softmax averaged over this many passes
     noise_off_too: bool = True  # also evaluate with the test-time noise off (the function the ONNX graph computes)
+    sweep_eps_255: tuple[float, ...] = (0.0, 2.0, 4.0, 8.0)   # sanity: PGD accuracy must not rise with eps
+    sweep_steps: int = 10
+    sanity_slack_pt: float = 1.0  # least slack for comparisons of stochastic numbers (percentage points)
+
+
+@dataclass(frozen=True)
+class PaperConfig:
+    """The paper's numbers for the table row a config reproduces (report.md prints ours beside them)."""
+    row: str = ""
+    a1_natural: float | None = None
+    a2_fgsm: float | None = None
+    a3_ifgsm20: float | None = None
+    a4_cw: float | None = None
+    channel_sparsity: float | None = None
 
 
 @dataclass(frozen=True)
@@ -137,6 +168,7 @@ class RunConfig:
     surgery: SurgeryConfig = field(default_factory=SurgeryConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
+    paper: PaperConfig = field(default_factory=PaperConfig)
 
 
 CHOICES = {
@@ -149,11 +181,13 @@ CHOICES = {
 }
 NON_NEGATIVE = {"threads", "data.val_size", "data.train_subset", "data.test_subset", "train.attack.steps",
                 "train.val_attack_steps", "train.val_subset", "train.weight_decay", "prune.lambda1",
-                "prune.lambda2", "eval.pgd_steps", "bench.accuracy_subset", "train.attack.eps_255",
+                "prune.lambda2", "eval.pgd_steps", "eval.images", "eval.ifgsm_steps", "eval.cw_steps", "eval.cw_kappa",
+                "eval.sanity_slack_pt", "eval.sweep_steps", "bench.accuracy_subset", "train.attack.eps_255",
                 "eval.eps_255", "bench.warmup"}
 POSITIVE = {"train.attack.step_255", "eval.step_255", "export.parity_tol", "prune.zero_tol", "surgery.tol",
-            "model.ensemble", "train.epochs", "train.batch_size", "train.lr", "prune.epochs", "prune.lr",
-            "prune.beta", "eval.batch_size", "eval.eot_samples", "bench.runs", "export.opset"}
+            "model.ensemble", "train.epochs", "train.batch_size", "train.val_batch_size", "train.lr", "prune.epochs", "prune.lr",
+            "prune.beta", "eval.batch_size", "eval.eot_samples", "eval.pgd_restarts", "eval.apgd_steps", "eval.avg_passes",
+            "eval.paper_eps_01", "eval.paper_step_01", "eval.cw_lr", "eval.cw_c", "bench.runs", "export.opset"}
 
 
 def _type_name(t) -> str:
@@ -164,6 +198,8 @@ def _coerce(value, hint, where: str, source: str):
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(hint)
+        if float in options and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
         for option in options:
             if isinstance(value, option) and not (option in (int, float) and isinstance(value, bool)):
                 return value
@@ -240,6 +276,16 @@ def _validate(cfg: RunConfig, source: str, overridden: frozenset = frozenset()) 
     if cfg.train.attack.kind == "pgd" and cfg.train.attack.step_255 > cfg.train.attack.eps_255:
         fail("train.attack.step_255", f"a step <= train.attack.eps_255 = {cfg.train.attack.eps_255}",
              ("train.attack.eps_255",))
+    from .robustness import ATTACKS
+    for key, allowed in (("eval.attacks", ATTACKS), ("eval.models", ("dense", "masked", "pruned"))):
+        if any(v not in allowed for v in flat[key]) or len(set(flat[key])) != len(flat[key]):
+            fail(key, f"distinct names from {', '.join(allowed)}")
+    if any(not 0 <= v <= 255 for v in cfg.eval.sweep_eps_255) or list(cfg.eval.sweep_eps_255) != sorted(
+            cfg.eval.sweep_eps_255):
+        fail("eval.sweep_eps_255", "increasing radii in [0, 255]")
+    if not 0 < cfg.eval.paper_eps_01 <= 1 or cfg.eval.paper_step_01 > cfg.eval.paper_eps_01:
+        fail("eval.paper_eps_01", f"a radius in (0, 1] >= eval.paper_step_01 = {cfg.eval.paper_step_01}",
+             ("eval.paper_step_01",))
     if cfg.eval.step_255 > cfg.eval.eps_255:
         fail("eval.step_255", f"a step <= eval.eps_255 = {cfg.eval.eps_255}", ("eval.eps_255",))
     if not 0 <= cfg.train.momentum < 1:
@@ -307,9 +353,11 @@ def _parse_override(text: str, source: str) -> tuple[list[str], object]:
     return key.strip().split("."), value
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
-    source = str(path) if path else "<defaults>"
-    data: dict = {}
+def load_config(path: str | Path | None, overrides: list[str] = (), *, data: dict | None = None,
+                source: str | None = None) -> RunConfig:
+    """From a TOML file, or (``data``) from a run's recorded config, then the ``--set`` overrides."""
+    source = source or (str(path) if path else "<defaults>")
+    data = dict(data) if data is not None else {}
     overridden = set()
     if path is not None:
         p = Path(path)

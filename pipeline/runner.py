@@ -159,6 +159,21 @@ def _outputs_valid(run_dir: Path, entry: dict) -> bool:
     return True
 
 
+def stale_stages(cfg: RunConfig, run_dir: Path, stages: list[Stage], *, reuse_stale: bool = False) -> list[str]:
+    """Names of the stages (in order) that a run would recompute: not done, other key, or outputs changed
+    (with ``reuse_stale``, a key that differs only by the code fingerprint counts as current)."""
+    manifest = load_manifest(run_dir)
+    stale = []
+    for stage in stages:
+        entry = manifest.get("stages", {}).get(stage.name, {})
+        current = entry.get("key") == stage_key(stage, cfg, manifest) or (
+            reuse_stale and _config_key(entry) == stage_key(stage, cfg, manifest, code=False))
+        if set(stale).intersection(stage.inputs) or entry.get("status") != "done" or not current \
+                or not _outputs_valid(run_dir, entry):
+            stale.append(stage.name)
+    return stale
+
+
 def run_pipeline(cfg: RunConfig, run_dir: Path, stages: list[Stage], *, log=print, after_stage=None,
                  reuse_stale: bool = False) -> dict:
     """Run or skip each stage in order. A stage is skipped when its key and output hashes match its entry;
@@ -173,11 +188,12 @@ def _run_locked(cfg: RunConfig, run_dir: Path, stages: list[Stage], *, log, afte
     manifest.setdefault("stages", {})
     manifest.update({"config": to_dict(cfg), "versions": package_versions(), "git_commit": git_commit(),
                      "command": sys.argv, "updated": _now()})
-    upstream_changed = False
+    reran: set[str] = set()
     for stage in stages:
         key = stage_key(stage, cfg, manifest)
         entry = manifest["stages"].get(stage.name, {})
-        done = not upstream_changed and entry.get("status") == "done"
+        # an input that was recomputed forces a rerun even if its hashes came out the same
+        done = not reran.intersection(stage.inputs) and entry.get("status") == "done"
         if done and entry.get("key") == key and _outputs_valid(run_dir, entry):
             log(f"[{stage.name}] skipped: up to date (key {key[:12]})")
             continue
@@ -187,7 +203,7 @@ def _run_locked(cfg: RunConfig, run_dir: Path, stages: list[Stage], *, log, afte
             write_json(run_dir / MANIFEST, manifest)
             log(f"[{stage.name}] skipped: built by other code, reused because of --reuse-stale")
             continue
-        upstream_changed = True
+        reran.add(stage.name)
         log(f"[{stage.name}] running")
         final_dir = run_dir / stage.name
         tmp_dir = run_dir / f".{stage.name}.tmp"

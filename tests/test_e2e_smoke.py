@@ -1,6 +1,7 @@
-"""The real CLI on configs/smoke.toml: all five stages, the report, resume, and a prune-only rerun.
+"""The real CLI on configs/smoke.toml: every stage, the report, resume, re-evaluation, and a prune-only rerun.
 
-One module-scoped fixture runs the pipeline three times (fresh, identical rerun, ``--set prune.lambda1``) and
+One module-scoped fixture runs the pipeline several times (fresh, identical rerun, ``--set prune.lambda1``,
+``pipeline eval``, coupled groups) and
 keeps a snapshot of what the first run produced, so the tests below can be read in any order.
 """
 import json
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-STAGES = ("train", "prune", "surgery", "export", "bench")
+STAGES = ("train", "prune", "surgery", "eval", "export", "transfer", "bench")
 
 
 @dataclass
@@ -36,15 +37,30 @@ class Smoke:
     third_manifest: dict
     coupled: Run
     coupled_report: dict
+    re_eval: Run
+    re_eval_manifest: dict
 
 
-def _cli(out: Path, *extra: str) -> Run:
+def _env() -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("OMP_NUM_THREADS", "1")   # tiny model: more threads only add contention
+    return env
+
+
+ROOT = REPO
+
+
+def _cli(out: Path, *extra: str) -> Run:
     proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "--config", "configs/smoke.toml",
-                           "--out", str(out), *extra], cwd=REPO, env=env, capture_output=True, text=True,
+                           "--out", str(out), *extra], cwd=REPO, env=_env(), capture_output=True, text=True,
                           timeout=600)
+    return Run(proc)
+
+
+def _cli_eval(out: Path, *extra: str) -> Run:
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "eval", "--run", str(out), *extra], cwd=REPO,
+                          env=_env(), capture_output=True, text=True, timeout=600)
     return Run(proc)
 
 
@@ -64,9 +80,12 @@ def smoke(cifar_root, tmp_path_factory) -> Smoke:
     second = _cli(out)
     third = _cli(out, "--set", "prune.lambda1=1.0")
     third_manifest = json.loads((out / "manifest.json").read_text()) if (out / "manifest.json").exists() else {}
+    re_eval = _cli_eval(out, "--set", "eval.avg_passes=2")
+    re_eval_manifest = json.loads((out / "manifest.json").read_text())
     coupled = _cli(out, "--set", "prune.groups=coupled", "--set", "prune.align=4")
     coupled_report = json.loads((out / "report.json").read_text()) if coupled.proc.returncode == 0 else {}
-    return Smoke(out, first, report, report_md, manifest, onnx_files, second, third, third_manifest, coupled, coupled_report)
+    return Smoke(out, first, report, report_md, manifest, onnx_files, second, third, third_manifest, coupled,
+                 coupled_report, re_eval, re_eval_manifest)
 
 
 def test_first_run_succeeds(smoke):
@@ -105,10 +124,20 @@ def test_report_fields(smoke):
         assert 0.0 <= m["channel_sparsity"] <= 100.0 and 0.0 <= m["weight_sparsity"] <= 100.0
         acc = m["accuracy"]
         assert "natural" in acc
-        pgd_keys = [k for k in acc if re.fullmatch(r"pgd\d+", k)]
-        assert pgd_keys == ["pgd5"]          # eval.pgd_steps = 5 in smoke.toml
+        # keys name the attack and its parameters (smoke.toml: pgd_steps 10, 2 restarts, apgd_steps 10)
+        for key in ("fgsm[eps=0.031]", "ifgsm[eps=0.031,step=0.007,steps=20]",
+                    "cw_paper[eps=0.031,c=10,kappa=0,lr=0.0006,steps=10]",
+                    "pgd[eps=0.0313725,step=0.00784314,steps=10,restarts=2]",
+                    "eot_pgd[eps=0.0313725,step=0.00784314,steps=10,eot_samples=2]",
+                    "apgd_ce[eps=0.0313725,steps=10]", "apgd_dlr[eps=0.0313725,steps=10]", "worst_case",
+                    "natural_noise_off", "ifgsm[eps=0.031,step=0.007,steps=20]_noise_off", "natural_avg4"):
+            assert key in acc, (key, sorted(acc))
+        assert not any(k.startswith("eot_pgd") and k.endswith("_noise_off") for k in acc)
         for v in acc.values():
             assert 0.0 <= v <= 100.0
+        for mode in ("stochastic", "noise_off"):
+            transfer = m["onnx_transfer"]["crafted_on"][mode]
+            assert set(transfer) >= {"fgsm", "ifgsm", "cw_paper", "pgd", "apgd_ce", "apgd_dlr"}
         assert isinstance(m["latency"], list) and m["latency"]
         for lat in m["latency"]:
             for field in ("device", "runtime", "threads", "batch", "p50_ms", "p90_ms", "best"):
@@ -139,6 +168,17 @@ def test_report_fields(smoke):
     assert r["sanity"] and r["sanity_failures"] == sum(not c["ok"] for c in r["sanity"])
     md = smoke.report_md
     assert md.count("SANITY CHECK FAILED") == r["sanity_failures"]
+    checks = {c["check"] for c in r["sanity"]}
+    assert {"eps0_equals_natural", "ifgsm_not_above_fgsm", "pgd_not_above_ifgsm", "apgd_ce_not_above_ifgsm",
+            "eot_not_above_single_sample", "sweep_eps8_not_above_eps4", "onnx_pgd_matches_torch_noise_off",
+            "onnx_pgd_transfer_not_below_whitebox"} <= checks
+    rob = r["robustness"]
+    assert set(rob["models"]) == {"dense", "masked", "pruned"}
+    assert rob["models"]["masked"]["noise_off"] == {"same_as": "pruned"}
+    assert rob["images_per_s"] > 0
+    for title in ("the paper's columns", "strong attacks", "ONNX artifacts scored by transfer",
+                  "A4 C&W (paper variant, weak)"):
+        assert title in md, title
     assert "widths.png" in md and "accuracy_vs_latency" not in md and "accuracy_latency.png" in md
 
 
@@ -224,3 +264,30 @@ def test_coupled_groups_remove_every_zero_channel(smoke):
                                                for name, kept in r["prune"]["family_widths"].items())
     for name in r["plots"].values():
         assert (smoke.out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_pipeline_eval_reevaluates_without_retraining(smoke):
+    run = smoke.re_eval
+    assert run.proc.returncode == 0, _explain(run)
+    lines = run.proc.stdout.splitlines()
+    for stage in ("train", "prune", "surgery", "export", "bench"):
+        assert any(line.startswith(f"[{stage}] skipped") for line in lines), (stage, run.proc.stdout)
+    for stage in ("eval", "transfer"):
+        assert f"[{stage}] running" in lines, (stage, run.proc.stdout)
+    before = smoke.third_manifest["stages"]["eval"]["metrics"]["models"]   # the run it re-evaluates
+    after = smoke.re_eval_manifest["stages"]["eval"]["metrics"]["models"]
+    assert "natural_avg2" in after["pruned"]["stochastic"]
+    # the deterministic rows are reproduced exactly
+    for name in ("dense", "pruned"):
+        b, a = before[name]["noise_off"], after[name]["noise_off"]
+        assert a["natural"] == b["natural"]
+        assert {k: v["accuracy"] for k, v in a["attacks"].items()} == {k: v["accuracy"] for k, v in b["attacks"].items()}
+
+
+def test_pipeline_eval_refuses_settings_that_would_retrain(smoke, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "eval", "--run", str(smoke.out), "--set",
+                           "prune.lambda1=0.5"], capture_output=True, text=True, cwd=ROOT, env=_env())
+    assert proc.returncode == 2 and "only changes eval.*" in proc.stderr and "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "eval", "--run", str(tmp_path)],
+                          capture_output=True, text=True, cwd=ROOT, env=_env())
+    assert proc.returncode == 2 and "no finished run here" in proc.stderr

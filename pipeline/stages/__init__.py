@@ -1,4 +1,4 @@
-"""The five stages, in order. Each module defines ``STAGE``."""
-from . import bench, export, prune, surgery, train
+"""The stages, in order. Each module defines ``STAGE``."""
+from . import bench, evaluate, export, prune, surgery, train, transfer
 
-STAGES = [train.STAGE, prune.STAGE, surgery.STAGE, export.STAGE, bench.STAGE]
+STAGES = [train.STAGE, prune.STAGE, surgery.STAGE, evaluate.STAGE, export.STAGE, transfer.STAGE, bench.STAGE]

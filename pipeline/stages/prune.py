@@ -13,7 +13,7 @@ from ..hardware import resolve_align
 from ..runio import load_model, save_model
 from ..runner import Stage, StageContext, StageResult
 from ..training import set_lr, step_lr, train_epoch
-from .common import data_splits, device_of, model_kwargs, seed_everything, test_set_metrics
+from .common import data_splits, device_of, model_kwargs, seed_everything
 from .train import make_optimizer, sparsity_metrics, training_attack, validate
 
 
@@ -23,7 +23,7 @@ def run(ctx: StageContext) -> StageResult:
     device = device_of(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    train, val, test = data_splits(cfg)
+    train, val, _ = data_splits(cfg)
     val_eval = val.subset(cfg.train.val_subset, cfg.data.split_seed + 3)
     if p.init == "finetune":
         model = load_model(ctx.inputs["train"]["model_weights"], ctx.inputs["train"]["model_arch"], device)
@@ -60,8 +60,7 @@ def run(ctx: StageContext) -> StageResult:
     metrics = {"threshold": sparsifier.threshold, "sparsifier": sparsifier.state_dict(), "groups": p.groups,
                "align": sparsifier.align, "family_widths": sparsifier.kept_widths(),
                "val": {k: last[k] for k in ("val_natural", "val_robust") if k in last},
-               **sparsity_metrics(model, p.zero_tol),
-               "test": test_set_metrics(model, test, cfg, device, generator, ctx.log)}
+               **sparsity_metrics(model, p.zero_tol)}
     return StageResult(outputs, metrics)
 
 
@@ -80,4 +79,4 @@ def make_sparsifier(model, cfg, device) -> RGSM:
                 scales=group_costs(model, families, example, p.group_cost))
 
 
-STAGE = Stage("prune", sections=("seed", "data", "model", "train", "prune", "eval"), inputs=("train",), run=run)
+STAGE = Stage("prune", sections=("seed", "data", "model", "train", "prune"), inputs=("train",), run=run)

@@ -12,7 +12,7 @@ from ..algorithms.sparsity import PAPER_ZERO_TOL, channel_sparsity, weight_spars
 from ..runio import save_model
 from ..runner import Stage, StageContext, StageResult
 from ..training import evaluate, set_lr, snapshot, step_lr, train_epoch
-from .common import data_splits, device_of, model_kwargs, seed_everything, test_set_metrics
+from .common import data_splits, device_of, model_kwargs, seed_everything
 
 
 def training_attack(cfg):
@@ -33,7 +33,7 @@ def make_optimizer(model, cfg, lr: float):
 
 
 def validate(model, val, cfg, device, generator) -> dict:
-    bs = cfg.eval.batch_size
+    bs = cfg.train.val_batch_size
     out = {"val_natural": evaluate(model, val, batch_size=bs, device=device)}
     attack = validation_attack(cfg)
     if attack is not None:
@@ -54,9 +54,9 @@ def run(ctx: StageContext) -> StageResult:
     device = device_of(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    train, val, test = data_splits(cfg)
+    train, val, _ = data_splits(cfg)
     val_eval = val.subset(t.val_subset, cfg.data.split_seed + 3)
-    ctx.log(f"{len(train)} train / {len(val_eval)} val / {len(test)} test images on {device}")
+    ctx.log(f"{len(train)} train / {len(val_eval)} val images on {device}")
     model = create_model(cfg.model.arch, **model_kwargs(cfg)).to(device)
     optimizer = make_optimizer(model, cfg, t.lr)
     attack = training_attack(cfg)
@@ -80,9 +80,9 @@ def run(ctx: StageContext) -> StageResult:
                "val": {k: best[k] for k in ("val_natural", "val_robust") if k in best},
                "train_images_per_s": sum(json.loads(x)["images_per_s"] for x in log_lines) / len(log_lines),
                "params": sum(p.numel() for p in model.parameters()),
-               **sparsity_metrics(model, PAPER_ZERO_TOL),
-               "test": test_set_metrics(model, test, cfg, device, generator, ctx.log)}
+               **sparsity_metrics(model, PAPER_ZERO_TOL)}
     return StageResult(outputs, metrics)
 
 
-STAGE = Stage("train", sections=("seed", "data", "model", "train", "eval"), inputs=(), run=run)
+# No test-set numbers here: the eval stage owns them, so re-evaluating never retrains.
+STAGE = Stage("train", sections=("seed", "data", "model", "train"), inputs=(), run=run)

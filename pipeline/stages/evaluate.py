@@ -1,0 +1,87 @@
+"""Stage ``eval``: test-set robustness of the dense (train), masked (prune) and pruned (surgery) models.
+
+Each model is evaluated with its test-time noise on (the paper's single stochastic pass, plus the softmax averaged
+over ``eval.avg_passes`` passes) and with the noise off (the function the exported ONNX graph computes). The
+adversarial examples crafted on the deployed models (dense, pruned) are saved so that the ``transfer`` stage can
+score the ONNX files on them after export."""
+from __future__ import annotations
+
+import contextlib
+import io
+import time
+
+import numpy as np
+import torch
+
+from models import noise_disabled
+
+from ..data import to_float
+from ..robustness import attack_specs, evaluate_model, sanity_checks
+from ..runio import atomic_write_bytes, load_model
+from ..runner import Stage, StageContext, StageResult
+from .common import data_splits
+
+SOURCES = {"dense": "train", "masked": "prune", "pruned": "surgery"}
+DEPLOYED = ("dense", "pruned")   # the models export turns into ONNX files
+
+
+def eval_images(cfg):
+    """The evaluated test images (float, [0, 1]) and labels: data.test_subset, then a seeded eval.images subset."""
+    _, _, test = data_splits(cfg)
+    test = test.subset(cfg.eval.images, cfg.data.split_seed + 5)
+    return to_float(test.images), test.labels, test
+
+
+def save_examples(path, images: torch.Tensor, examples: dict[str, torch.Tensor]) -> None:
+    """Perturbations as float16 (|delta| <= eps, so about 1e-5 absolute error), compressed."""
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **{k: (v - images).numpy().astype(np.float16) for k, v in examples.items()})
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def run(ctx: StageContext) -> StageResult:
+    cfg, e = ctx.cfg, ctx.cfg.eval
+    images, labels, _ = eval_images(cfg)
+    specs = attack_specs(e)
+    noisy = cfg.model.noise_coef > 0
+    modes = (["stochastic"] if noisy else []) + (["noise_off"] if (not noisy or e.noise_off_too) else [])
+    ctx.log(f"{len(images)} test images, models {list(e.models)}, modes {modes}, attacks {list(specs)}")
+    results, outputs, t_all = {}, {}, time.perf_counter()
+    for name in e.models:
+        model = load_model(ctx.inputs[SOURCES[name]]["model_weights"], ctx.inputs[SOURCES[name]]["model_arch"])
+        results[name] = {}
+        for mode in modes:
+            if name == "masked" and mode == "noise_off" and "pruned" in e.models:
+                # surgery is exact with the noise off (its max |dlogits| is recorded), so this row equals pruned's
+                results[name][mode] = {"same_as": "pruned"}
+                continue
+            stochastic = mode == "stochastic"
+            ctx.log(f"{name}, {mode}")
+            t0 = time.perf_counter()
+            keep = list(specs) if name in DEPLOYED else []
+            with noise_disabled(model) if not stochastic else contextlib.nullcontext():
+                res, kept = evaluate_model(model, images, labels, specs, stochastic=stochastic,
+                                           batch_size=e.batch_size, avg_passes=e.avg_passes,
+                                           sweep_eps_255=e.sweep_eps_255, sweep_steps=e.sweep_steps,
+                                           seed=cfg.seed, log=lambda m, _p=f"{name}/{mode}": ctx.log(f"{_p} {m}"),
+                                           keep_examples=keep)
+            res["seconds"] = round(time.perf_counter() - t0, 1)
+            res["sanity"] = sanity_checks(res, stochastic=stochastic, slack_pt=e.sanity_slack_pt,
+                                          paper_eps=e.paper_eps_01, strong_eps=e.eps_255 / 255)
+            results[name][mode] = res
+            if kept:
+                path = ctx.out_dir / f"adv_{name}_{mode}.npz"
+                save_examples(path, images, kept)
+                outputs[f"adv_{name}_{mode}"] = path
+            bad = [c for c in res["sanity"] if not c["ok"]]
+            ctx.log(f"{name}/{mode}: natural {res['natural']:.2f}%, worst case {res.get('worst_case', float('nan')):.2f}%"
+                    f", {len(bad)} sanity failure(s) in {res['seconds']}s")
+    seconds = time.perf_counter() - t_all
+    attacked = sum(r.get("images", 0) for m in results.values() for r in m.values())
+    metrics = {"images": len(images), "modes": modes, "models": results,
+               "attacks": {k: {"key": s.key, "params": s.params} for k, s in specs.items()},
+               "seconds": round(seconds, 1), "images_per_s": round(attacked / max(seconds, 1e-9), 2)}
+    return StageResult(outputs, metrics)
+
+
+STAGE = Stage("eval", sections=("seed", "data", "model", "eval"), inputs=("train", "prune", "surgery"), run=run)
