@@ -124,11 +124,11 @@ def test_report_fields(smoke):
         assert 0.0 <= m["channel_sparsity"] <= 100.0 and 0.0 <= m["weight_sparsity"] <= 100.0
         acc = m["accuracy"]
         assert "natural" in acc
-        # keys name the attack and its parameters (smoke.toml: pgd_steps 10, 2 restarts, apgd_steps 10)
+        # keys name the attack and its parameters (smoke.toml: PGD-50x2 as in the issue, apgd_steps 10)
         for key in ("fgsm[eps=0.031]", "ifgsm[eps=0.031,step=0.007,steps=20]",
                     "cw_paper[eps=0.031,c=10,kappa=0,lr=0.0006,steps=10]",
-                    "pgd[eps=0.0313725,step=0.00784314,steps=10,restarts=2]",
-                    "eot_pgd[eps=0.0313725,step=0.00784314,steps=10,eot_samples=2]",
+                    "pgd[eps=0.0313725,step=0.00784314,steps=50,restarts=2]",
+                    "eot_pgd[eps=0.0313725,step=0.00784314,steps=50,eot_samples=2]",
                     "apgd_ce[eps=0.0313725,steps=10]", "apgd_dlr[eps=0.0313725,steps=10]", "worst_case",
                     "natural_noise_off", "ifgsm[eps=0.031,step=0.007,steps=20]_noise_off", "natural_avg4"):
             assert key in acc, (key, sorted(acc))
