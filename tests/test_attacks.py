@@ -39,12 +39,8 @@ def assert_feasible(x_adv, x, eps):
     assert float((x_adv - x).abs().max()) <= eps + EPS_TOL
 
 
-@pytest.mark.parametrize("random_start", [True, False])
-def test_every_pgd_iterate_is_feasible(monkeypatch, random_start):
-    model = random_model()
-    x = near_edges()
-    y = torch.randint(0, 10, (len(x),), generator=gen(1))
-    eps, step, steps = 8 / 255, 6 / 255, 6   # large steps: the projection has work to do
+def record_iterates(monkeypatch) -> list:
+    """Every point at which any attack asks for a gradient, appended to the returned list."""
     iterates = []
     real = attacks._value_and_grad
 
@@ -53,6 +49,16 @@ def test_every_pgd_iterate_is_feasible(monkeypatch, random_start):
         return real(model_, x_, y_, loss, eot)
 
     monkeypatch.setattr(attacks, "_value_and_grad", recording)
+    return iterates
+
+
+@pytest.mark.parametrize("random_start", [True, False])
+def test_every_pgd_iterate_is_feasible(monkeypatch, random_start):
+    model = random_model()
+    x = near_edges()
+    y = torch.randint(0, 10, (len(x),), generator=gen(1))
+    eps, step, steps = 8 / 255, 6 / 255, 6   # large steps: the projection has work to do
+    iterates = record_iterates(monkeypatch)
     out = pgd(model, x, y, eps=eps, step=step, steps=steps, random_start=random_start, generator=gen(2))
     iterates.append(out)
     assert len(iterates) == steps + 1

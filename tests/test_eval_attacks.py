@@ -5,7 +5,7 @@ import torch
 from pipeline.algorithms import attacks as A
 from pipeline.robustness import sanity_checks
 
-from test_attacks import EPS_TOL, accuracy, assert_feasible, gen, near_edges, random_model
+from test_attacks import EPS_TOL, accuracy, assert_feasible, gen, near_edges, random_model, record_iterates
 from test_attacks import trained  # noqa: F401  (fixture: a tiny model trained on a 2-class synthetic task)
 
 EPS = 8 / 255
@@ -30,14 +30,7 @@ def test_every_iterate_stays_in_the_ball_and_the_box(monkeypatch, name):
     model = random_model(coef=0.1 if name == "eot_pgd" else 0.0)
     x = near_edges(seed=11)
     y = torch.randint(0, 10, (len(x),), generator=gen(12))
-    iterates = []
-    real = A._value_and_grad
-
-    def recording(model_, x_, y_, loss, eot):
-        iterates.append(x_.detach().clone())
-        return real(model_, x_, y_, loss, eot)
-
-    monkeypatch.setattr(A, "_value_and_grad", recording)
+    iterates = record_iterates(monkeypatch)
     out = every_attack(EPS)[name](model, x, y)
     # C&W's iterates are its free variable w (only the rescaled result is an attack), so only its output counts
     for it in ([] if name == "cw_paper" else iterates) + [out]:
