@@ -1,6 +1,7 @@
 """Pre-activation ResNet for CIFAR with EnResNet noise injection and logit-averaging ensembles.
 
 Inputs are images in [0, 1]; normalisation happens inside the model so exported graphs take raw pixels.
+``normalize=False`` feeds the [0, 1] pixels to the stem unchanged, as the paper's reference code does.
 """
 from __future__ import annotations
 
@@ -67,9 +68,10 @@ class PreActBlock(nn.Module):
 
 
 class PreActResNet(nn.Module):
-    def __init__(self, num_blocks, widths=(16, 32, 64), num_classes: int = 10, noise_coef: float = 0.1):
+    def __init__(self, num_blocks, widths=(16, 32, 64), num_classes: int = 10, noise_coef: float = 0.1,
+                 normalize: bool = True):
         super().__init__()
-        self.normalize = Normalize()
+        self.normalize = Normalize() if normalize else nn.Identity()
         self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
         in_planes = widths[0]
         stages = []
@@ -133,29 +135,29 @@ class noise_disabled:
         return False
 
 
-def _build(num_blocks, widths, ensemble: int, noise_coef: float, num_classes: int):
+def _build(num_blocks, widths, ensemble: int, noise_coef: float, num_classes: int, normalize: bool):
     if ensemble < 1:
         raise ValueError(f"ensemble must be >= 1, got {ensemble}")
-    members = [PreActResNet(num_blocks, widths, num_classes, noise_coef) for _ in range(ensemble)]
+    members = [PreActResNet(num_blocks, widths, num_classes, noise_coef, normalize) for _ in range(ensemble)]
     return Ensemble(members)
 
 
 @register_model(params_per_member=272_282, depth=20, paper=True)
-def preact_resnet20(ensemble: int = 1, noise_coef: float = 0.1, num_classes: int = 10):
-    return _build((3, 3, 3), (16, 32, 64), ensemble, noise_coef, num_classes)
+def preact_resnet20(ensemble: int = 1, noise_coef: float = 0.1, num_classes: int = 10, normalize: bool = True):
+    return _build((3, 3, 3), (16, 32, 64), ensemble, noise_coef, num_classes, normalize)
 
 
 @register_model(depth=38, paper=True)
-def preact_resnet38(ensemble: int = 1, noise_coef: float = 0.1, num_classes: int = 10):
-    return _build((6, 6, 6), (16, 32, 64), ensemble, noise_coef, num_classes)
+def preact_resnet38(ensemble: int = 1, noise_coef: float = 0.1, num_classes: int = 10, normalize: bool = True):
+    return _build((6, 6, 6), (16, 32, 64), ensemble, noise_coef, num_classes, normalize)
 
 
 @register_model(depth=56, paper=True)
-def preact_resnet56(ensemble: int = 1, noise_coef: float = 0.1, num_classes: int = 10):
-    return _build((9, 9, 9), (16, 32, 64), ensemble, noise_coef, num_classes)
+def preact_resnet56(ensemble: int = 1, noise_coef: float = 0.1, num_classes: int = 10, normalize: bool = True):
+    return _build((9, 9, 9), (16, 32, 64), ensemble, noise_coef, num_classes, normalize)
 
 
 @register_model(depth=8, paper=False)
-def test_resnet(ensemble: int = 1, noise_coef: float = 0.1, num_classes: int = 10):
+def test_resnet(ensemble: int = 1, noise_coef: float = 0.1, num_classes: int = 10, normalize: bool = True):
     """Tiny (one block per stage, narrow) model with the same structure, for fast tests."""
-    return _build((1, 1, 1), (4, 8, 16), ensemble, noise_coef, num_classes)
+    return _build((1, 1, 1), (4, 8, 16), ensemble, noise_coef, num_classes, normalize)

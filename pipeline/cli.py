@@ -19,6 +19,10 @@ def _parser() -> argparse.ArgumentParser:
                      help="override a config value (repeatable), e.g. --set prune.lambda1=0.1")
     run.add_argument("--reuse-stale", action="store_true",
                      help="keep finished stages whose code changed since they ran (recorded in manifest.json)")
+    run.add_argument("--share-from", action="append", default=[], metavar="DIR",
+                     help="take finished stages with the same key from this run folder instead of recomputing "
+                          "them (e.g. a paper config's train stage from its dense-baseline run); repeatable")
+    run.add_argument("--until", metavar="STAGE", help="stop after this stage (e.g. train); no report is written")
     ev = sub.add_parser("eval", parents=[common],
                         help="re-evaluate a finished run's models (eval + transfer stages; never retrains)")
     ev.add_argument("--run", required=True, help="run directory written by 'pipeline run'")
@@ -26,6 +30,16 @@ def _parser() -> argparse.ArgumentParser:
                     help="override an eval.* (or paper.*) setting, e.g. --set eval.images=200")
     ev.add_argument("--reuse-stale", action="store_true",
                     help="accept earlier stages whose code changed since they ran (as for 'pipeline run')")
+    sw = sub.add_parser("sweep", parents=[common], help="one run per grid point; shared upstream stages; sweep.md")
+    sw.add_argument("--config", required=True)
+    sw.add_argument("--grid", action="append", default=[], metavar="SECTION.KEY=V1,V2,...",
+                    help="values to sweep (repeatable: the grid is the product), e.g. --grid prune.lambda1=0.01,0.02")
+    sw.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="override a config value for every point")
+    sw.add_argument("--out", help="sweep folder (default: runs/<config name>-sweep)")
+    sw.add_argument("--reuse-stale", action="store_true", help="as for 'pipeline run'")
+    sw.add_argument("--share-from", action="append", default=[], metavar="DIR",
+                    help="also take finished stages with the same key from this run (or sweep) folder; repeatable")
     show = sub.add_parser("show-config", parents=[common], help="print the resolved config as TOML-like key = value lines")
     show.add_argument("--config", required=True)
     show.add_argument("--set", action="append", default=[])
@@ -62,6 +76,8 @@ def _main(argv: list[str] | None) -> int:
     try:
         if args.command == "eval":
             return _eval(args)
+        if args.command == "sweep":
+            return _sweep(args)
         cfg = load_config(args.config, args.set)
         if args.command == "show-config":
             for k, v in flatten(cfg).items():
@@ -79,8 +95,19 @@ def _main(argv: list[str] | None) -> int:
         out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
         if out.exists() and not out.is_dir():
             return _fail(f"--out {out}: exists and is not a directory")
+        names = [s.name for s in STAGES]
+        if args.until is not None and args.until not in names:
+            return _fail(f"--until {args.until}: expected one of {', '.join(names)}")
+        stages = STAGES[:names.index(args.until) + 1] if args.until else STAGES
         t0 = time.perf_counter()
-        manifest = run_pipeline(cfg, out, STAGES, log=lambda m: print(m, flush=True), reuse_stale=args.reuse_stale)
+        for d in args.share_from:
+            if not Path(d).is_dir():
+                return _fail(f"--share-from {d}: not a folder")
+        manifest = run_pipeline(cfg, out, stages, log=lambda m: print(m, flush=True), reuse_stale=args.reuse_stale,
+                                donors=tuple(Path(d) for d in args.share_from))
+        if args.until:
+            print(f"stopped after stage {args.until} in {time.perf_counter() - t0:.1f}s: {out}", flush=True)
+            return 0
         write_report(out, manifest)
         print(f"done in {time.perf_counter() - t0:.1f}s: {out / 'report.md'}", flush=True)
         return 0
@@ -94,6 +121,25 @@ def _main(argv: list[str] | None) -> int:
         print(f"pipeline: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
               "(rerun with --debug for the traceback)", file=sys.stderr)
         return 1
+
+
+def _sweep(args) -> int:
+    from .sweep import run_sweep
+
+    out = Path(args.out) if args.out else Path("runs") / f"{Path(args.config).stem}-sweep"
+    if out.exists() and not out.is_dir():
+        return _fail(f"--out {out}: exists and is not a directory")
+    t0 = time.perf_counter()
+    sweep = run_sweep(args.config, args.grid, args.set, out, log=lambda m: print(m, flush=True),
+                      reuse_stale=args.reuse_stale, share_from=tuple(Path(d) for d in args.share_from))
+    n = len(sweep["points"])
+    print(f"done in {time.perf_counter() - t0:.1f}s: {n - sweep['failed']}/{n} points finished: {out / 'sweep.md'}",
+          flush=True)
+    if sweep["failed"]:
+        print(f"pipeline: error: {sweep['failed']} of {n} sweep points failed (see {out / 'sweep.md'})",
+              file=sys.stderr)
+        return 1
+    return 0
 
 
 def _eval(args) -> int:

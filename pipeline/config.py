@@ -35,6 +35,9 @@ class ModelConfig:
     arch: str = "preact_resnet20"
     ensemble: int = 1
     noise_coef: float = 0.1
+    # Mean/std normalisation inside the model. The paper's reference code feeds raw [0, 1] pixels to the stem
+    # (false); either way the model and its ONNX graph take [0, 1] images.
+    normalize: bool = True
 
 
 @dataclass(frozen=True)
@@ -63,10 +66,15 @@ class TrainConfig:
     # EnResNet's noise scale is the std of the whole batch activation, so validation accuracy depends on this.
     val_batch_size: int = 256
     augment: bool = True
+    # "epoch": a new SGD optimizer every epoch (train and prune), as the reference code does -- so momentum
+    # restarts after each epoch-end hard projection. "never": one optimizer for the whole stage.
+    reset_optimizer: str = "never"
 
 
 @dataclass(frozen=True)
 class PruneConfig:
+    # "rgsm" (channel groups), "rvsm" (unstructured), "admm" (the paper's baseline), "none" (the train
+    # checkpoint passes through unchanged: a dense baseline row)
     method: str = "rgsm"
     # "paper": groups are conv input-channel slices (the paper's RGSM). "coupled": one group per removable
     # channel (DependencyGraph: producers' filters, BN entries, every reader's slice), so sparsity = removability.
@@ -86,6 +94,16 @@ class PruneConfig:
     lr_milestones: tuple[float, ...] = (0.4, 0.6, 0.8)
     lr_gamma: float = 0.1
     zero_tol: float = 1e-15     # paper: a group counts as zero when its l2 norm is below this
+    rgsm_prox: str = "hard"     # "hard": group l0, threshold sqrt(2*lambda1/beta) (paper); "soft": group lasso, lambda1/beta
+    # RVSM (uses beta above): elementwise prox of rvsm_lambda*penalty; "l0" threshold sqrt(2*rvsm_lambda/beta)
+    # (paper), "l1" soft threshold rvsm_lambda/beta, "tl1" transformed l1 with parameter tl1_a
+    penalty: str = "l0"
+    rvsm_lambda: float = 1e-6
+    tl1_a: float = 1.0
+    # ADMM: keep each layer's top (100 - percentile) % of weights ("elem") or input channels ("channel")
+    sparsity: str = "elem"
+    percentile: float = 80.0
+    rho: float = 1e-2
 
 
 @dataclass(frozen=True)
@@ -125,7 +143,8 @@ class PaperConfig:
     a2_fgsm: float | None = None
     a3_ifgsm20: float | None = None
     a4_cw: float | None = None
-    channel_sparsity: float | None = None
+    channel_sparsity: float | None = None   # Tables 2-4 "Ch. Sp."
+    weight_sparsity: float | None = None    # Tables 1 and 4 unstructured "Sp."
 
 
 @dataclass(frozen=True)
@@ -174,19 +193,23 @@ class RunConfig:
 CHOICES = {
     "device": ("auto", "cpu", "cuda"),
     "train.attack.kind": ("pgd", "fgsm_rs", "none"),
-    "prune.method": ("rgsm",),
+    "prune.method": ("rgsm", "rvsm", "admm", "none"),
+    "prune.rgsm_prox": ("hard", "soft"),
+    "prune.penalty": ("l0", "l1", "tl1"),
+    "prune.sparsity": ("elem", "channel"),
+    "train.reset_optimizer": ("never", "epoch"),
     "prune.groups": ("paper", "coupled"),
     "prune.group_cost": ("macs", "weights"),
     "prune.init": ("finetune", "scratch"),
 }
 NON_NEGATIVE = {"threads", "data.val_size", "data.train_subset", "data.test_subset", "train.attack.steps",
                 "train.val_attack_steps", "train.val_subset", "train.weight_decay", "prune.lambda1",
-                "prune.lambda2", "eval.pgd_steps", "eval.images", "eval.ifgsm_steps", "eval.cw_steps", "eval.cw_kappa",
+                "prune.lambda2", "prune.rvsm_lambda", "eval.pgd_steps", "eval.images", "eval.ifgsm_steps", "eval.cw_steps", "eval.cw_kappa",
                 "eval.sanity_slack_pt", "eval.sweep_steps", "bench.accuracy_subset", "train.attack.eps_255",
                 "eval.eps_255", "bench.warmup"}
 POSITIVE = {"train.attack.step_255", "eval.step_255", "export.parity_tol", "prune.zero_tol", "surgery.tol",
             "model.ensemble", "train.epochs", "train.batch_size", "train.val_batch_size", "train.lr", "prune.epochs", "prune.lr",
-            "prune.beta", "eval.batch_size", "eval.eot_samples", "eval.pgd_restarts", "eval.apgd_steps", "eval.avg_passes",
+            "prune.beta", "prune.tl1_a", "prune.rho", "eval.batch_size", "eval.eot_samples", "eval.pgd_restarts", "eval.apgd_steps", "eval.avg_passes",
             "eval.paper_eps_01", "eval.paper_step_01", "eval.cw_lr", "eval.cw_c", "bench.runs", "export.opset"}
 
 
@@ -308,6 +331,14 @@ def _validate(cfg: RunConfig, source: str, overridden: frozenset = frozenset()) 
 
         if not torch.cuda.is_available():
             fail("device", '"cpu" or "auto": torch sees no CUDA device here')
+    if not 0 <= cfg.prune.percentile < 100:
+        fail("prune.percentile", "a percentile in [0, 100)")
+    if cfg.prune.groups == "coupled" and cfg.prune.method != "rgsm":
+        fail("prune.groups", f'"paper" unless prune.method = "rgsm" (coupled groups are RGSM channel groups; '
+                             f'prune.method is {cfg.prune.method!r})', ("prune.method",))
+    if cfg.prune.rgsm_prox == "soft" and cfg.prune.align != 1:
+        fail("prune.rgsm_prox", '"hard" when prune.align is not 1 (the group-lasso prox has no aligned variant)',
+             ("prune.align",))
     align = cfg.prune.align
     if not (align == "auto" or isinstance(align, int) and align >= 1):
         fail("prune.align", 'a positive integer or "auto"')

@@ -175,15 +175,64 @@ def stale_stages(cfg: RunConfig, run_dir: Path, stages: list[Stage], *, reuse_st
 
 
 def run_pipeline(cfg: RunConfig, run_dir: Path, stages: list[Stage], *, log=print, after_stage=None,
-                 reuse_stale: bool = False) -> dict:
+                 reuse_stale: bool = False, donors: tuple[Path, ...] = ()) -> dict:
     """Run or skip each stage in order. A stage is skipped when its key and output hashes match its entry;
-    with ``reuse_stale`` also when only its code fingerprint differs (recorded in the entry as ``stale_code``)."""
+    with ``reuse_stale`` also when only its code fingerprint differs (recorded in the entry as ``stale_code``).
+    A stage that would run is first looked up in the ``donors`` (other run folders, e.g. earlier points of a
+    sweep): one that finished there with the same key is linked in instead of recomputed (``shared_from``)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     with run_dir_lock(run_dir):
-        return _run_locked(cfg, run_dir, stages, log=log, after_stage=after_stage, reuse_stale=reuse_stale)
+        return _run_locked(cfg, run_dir, stages, log=log, after_stage=after_stage, reuse_stale=reuse_stale,
+                           donors=donors)
 
 
-def _run_locked(cfg: RunConfig, run_dir: Path, stages: list[Stage], *, log, after_stage, reuse_stale: bool) -> dict:
+def _link_or_copy(src: str, dst: str) -> None:
+    """Hard links cost no space; artifacts are only ever replaced whole (atomic writes), never edited in place."""
+    import os
+
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _install_dir(run_dir: Path, name: str, fill: Callable[[Path], None]) -> Path:
+    """Build ``run_dir/.name.tmp`` with ``fill`` and swap it in whole for ``run_dir/name``."""
+    final_dir, tmp_dir, old_dir = run_dir / name, run_dir / f".{name}.tmp", run_dir / f".{name}.old"
+    fill(tmp_dir)
+    shutil.rmtree(old_dir, ignore_errors=True)
+    if final_dir.exists():
+        final_dir.rename(old_dir)
+    tmp_dir.rename(final_dir)
+    shutil.rmtree(old_dir, ignore_errors=True)
+    return final_dir
+
+
+def _adopt(stage: Stage, key: str, run_dir: Path, manifest: dict, donors: tuple[Path, ...]) -> Path | None:
+    for donor in donors:
+        if Path(donor).resolve() == run_dir.resolve():
+            continue
+        try:
+            entry = load_manifest(Path(donor)).get("stages", {}).get(stage.name, {})
+        except ManifestError:
+            continue
+        if entry.get("status") != "done" or entry.get("key") != key or not _outputs_valid(Path(donor), entry):
+            continue
+
+        def fill(tmp: Path, src=Path(donor) / stage.name):
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(src, tmp, copy_function=_link_or_copy)
+
+        _install_dir(run_dir, stage.name, fill)
+        manifest["stages"][stage.name] = {**{k: v for k, v in entry.items() if k not in ("last_failure", "stale_code")},
+                                          "shared_from": str(Path(donor).resolve()), "shared_at": _now()}
+        write_json(run_dir / MANIFEST, manifest)
+        return Path(donor)
+    return None
+
+
+def _run_locked(cfg: RunConfig, run_dir: Path, stages: list[Stage], *, log, after_stage, reuse_stale: bool,
+                donors: tuple[Path, ...] = ()) -> dict:
     manifest = load_manifest(run_dir)
     manifest.setdefault("stages", {})
     manifest.update({"config": to_dict(cfg), "versions": package_versions(), "git_commit": git_commit(),
@@ -202,6 +251,11 @@ def _run_locked(cfg: RunConfig, run_dir: Path, stages: list[Stage], *, log, afte
             entry["stale_code"] = {"built_with": entry.get("code"), "current": stage.code, "reused": _now()}
             write_json(run_dir / MANIFEST, manifest)
             log(f"[{stage.name}] skipped: built by other code, reused because of --reuse-stale")
+            continue
+        # a donor's result is only as good as its inputs: never share below a stage that reran here
+        donor = None if reran.intersection(stage.inputs) else _adopt(stage, key, run_dir, manifest, donors)
+        if donor is not None:
+            log(f"[{stage.name}] shared: finished with the same key in {donor}")
             continue
         reran.add(stage.name)
         log(f"[{stage.name}] running")

@@ -29,7 +29,8 @@ def set_lr(optimizer, lr: float) -> None:
 
 def train_epoch(model, split: Split, optimizer, *, batch_size: int, attack, generator: torch.Generator,
                 augment: bool, device, sparsifier=None, progress: str | None = None) -> dict:
-    """One epoch of (adversarial) training; with ``sparsifier`` the RGSM regularize/pull steps run too."""
+    """One epoch of (adversarial) training. A ``sparsifier`` (RGSM, RVSM, ADMM) gets ``before_batch()``,
+    ``regularize()`` after backward and ``pull(lr)`` after the optimizer step; the caller ends its epoch."""
     from tqdm import tqdm
 
     model.train()
@@ -41,6 +42,8 @@ def train_epoch(model, split: Split, optimizer, *, batch_size: int, attack, gene
     it = batches(split, batch_size, shuffle=True, generator=generator, augment_images=augment, device=device)
     bar = tqdm(it, total=n_batches, desc=progress, leave=False, disable=None if progress else True, mininterval=2)
     for batch_index, (x, y) in enumerate(bar, start=1):
+        if sparsifier is not None:
+            sparsifier.before_batch()
         if attack is not None:
             x = attack(model, x, y, generator)
         logits = model(x)

@@ -25,6 +25,10 @@ that are >= ``min_keep``, and the minimiser is found by evaluating cost(k) on th
 (ties go to the smaller k, which for a = 1 is the hard threshold's "<= is dropped"). ``project`` applies
 the same rule, so the final widths are aligned.
 
+The soft variant (``prox="soft"``, the reference code's unused ``rgsm_ls``) replaces the group-l0 prox by
+the group-lasso one, u_g = w_g·max(||w_g|| - lambda1/beta, 0)/||w_g||: kept groups shrink too, so the
+epoch-end projection biases every weight toward zero, where the hard prox leaves kept groups untouched.
+
 Group costs: coupled groups differ in size and in what they cost (a residual channel of stage 3 spans
 five conv slices, a block-internal one two; a stage-1 weight is applied at 32x32 positions, a stage-3
 weight at 8x8). Family f gets a ``scale`` c_f (``groups.group_costs``: its group's MACs, or weights,
@@ -52,6 +56,18 @@ def group_hard_threshold(weight: torch.Tensor, threshold: float) -> torch.Tensor
     keep = (norms > threshold).to(weight.dtype)
     shape = [1, -1] + [1] * (weight.dim() - 2)
     return weight * keep.view(shape)
+
+
+def group_soft_threshold(weight: torch.Tensor, threshold: float) -> torch.Tensor:
+    """The group-lasso prox: scale every input-channel group W[:, i] by max(||W[:, i]|| - threshold, 0)/||W[:, i]||."""
+    norms = weight.transpose(0, 1).reshape(weight.shape[1], -1).norm(dim=1)
+    shape = [1, -1] + [1] * (weight.dim() - 2)
+    return weight * soft_group_factors(norms, threshold).view(shape)
+
+
+def soft_group_factors(norms: torch.Tensor, threshold) -> torch.Tensor:
+    """max(||w_g|| - t, 0)/||w_g|| per group (0 for a zero group)."""
+    return torch.where(norms > threshold, 1 - threshold / norms.clamp_min(1e-30), torch.zeros_like(norms))
 
 
 def group_lasso_grad(weight: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
@@ -91,9 +107,14 @@ class RGSM:
     """RGSM over ``groups``: a list of ``ChannelFamily`` or, for the paper's grouping, bare conv weights."""
 
     def __init__(self, groups, *, beta: float, lambda1: float, lambda2: float, align: int = 1, min_keep: int = 0,
-                 scales: list[float] | None = None):
+                 scales: list[float] | None = None, prox: str = "hard"):
         if not beta > 0:
             raise ValueError(f"beta must be > 0, got {beta}")
+        if prox not in ("hard", "soft"):
+            raise ValueError(f"prox must be 'hard' (group l0) or 'soft' (group lasso), got {prox!r}")
+        if prox == "soft" and (align != 1 or min_keep):
+            raise ValueError("the soft (group-lasso) prox has no aligned variant: use align=1, min_keep=0")
+        self.prox = prox
         groups = list(groups)
         self.families: list[ChannelFamily] = (
             groups if all(isinstance(g, ChannelFamily) for g in groups)
@@ -118,24 +139,37 @@ class RGSM:
 
     @property
     def threshold(self) -> float:
-        """The group-norm threshold sqrt(2·lambda1/beta) of a group of scale 1."""
+        """The group-norm threshold of a group of scale 1: sqrt(2·lambda1/beta) (hard), lambda1/beta (soft)."""
+        if self.prox == "soft":
+            return self.lambda1 / self.beta
         return math.sqrt(2.0 * self.lambda1 / self.beta)
 
     def family_thresholds(self) -> list[float]:
+        # hard: the l0 price lambda1·c gives threshold sqrt(2·lambda1·c/beta); soft: a group-lasso weight
+        # lambda1·sqrt(c) (Yuan & Lin) gives threshold lambda1·sqrt(c)/beta -- both scale by sqrt(c)
         return [self.threshold * math.sqrt(c) for c in self.scales]
 
     @torch.no_grad()
     def keep_masks(self) -> list[torch.Tensor]:
         """Per family, which groups u keeps (computed from the current w)."""
+        if self.prox == "soft":
+            return [f.sq_norms().sqrt() > t for f, t in zip(self.families, self.family_thresholds())]
         return [aligned_group_l0_keep(f.sq_norms(), self.lambda1 * c, self.beta, self.align, self.min_keep)
                 for f, c in zip(self.families, self.scales)]
 
     @torch.no_grad()
+    def group_factors(self) -> list[torch.Tensor]:
+        """Per family, u_g = factor_g · w_g: 0/1 for the hard prox, the group-lasso shrink for the soft one."""
+        if self.prox == "soft":
+            return [soft_group_factors(f.sq_norms().sqrt(), t) for f, t in zip(self.families, self.family_thresholds())]
+        return [k.to(self.families[0].slices[0].tensor.dtype) for k in self.keep_masks()]
+
+    @torch.no_grad()
     def _u_masks(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(tensor, 0/1 mask of its shape) with u = tensor * mask."""
+        """(tensor, factor of its shape) with u = tensor * factor."""
         masks: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        for family, keep in zip(self.families, self.keep_masks()):
-            if bool(keep.all()):
+        for family, keep in zip(self.families, self.group_factors()):
+            if self.prox == "hard" and bool(keep.all()):
                 continue
             for s in family.slices:
                 t, m = masks.get(id(s.tensor), (s.tensor, None))
@@ -171,16 +205,23 @@ class RGSM:
             t.mul_(mask)
         self.projections += 1
 
+    def before_batch(self) -> None:
+        pass
+
+    def end_epoch(self, last: bool = False) -> None:
+        self.project()
+
     def kept_widths(self) -> dict[str, int]:
         """Family name -> number of nonzero groups now."""
         return {f.name: int((f.sq_norms() > 0).sum()) for f in self.families}
 
     def state_dict(self) -> dict:
-        return {"beta": self.beta, "lambda1": self.lambda1, "lambda2": self.lambda2, "align": self.align,
+        return {"prox": self.prox, "beta": self.beta, "lambda1": self.lambda1, "lambda2": self.lambda2, "align": self.align,
                 "min_keep": self.min_keep, "scales": list(self.scales), "projections": self.projections}
 
     def load_state_dict(self, state: dict) -> None:
         self.beta, self.lambda1, self.lambda2 = state["beta"], state["lambda1"], state["lambda2"]
+        self.prox = state.get("prox", "hard")
         self.align, self.min_keep = state.get("align", 1), state.get("min_keep", 0)
         scales = state.get("scales")
         if scales is not None and len(scales) != len(self.families):

@@ -40,4 +40,7 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 def model_kwargs(cfg: RunConfig) -> dict:
-    return {"ensemble": cfg.model.ensemble, "noise_coef": cfg.model.noise_coef}
+    kwargs = {"ensemble": cfg.model.ensemble, "noise_coef": cfg.model.noise_coef}
+    if not cfg.model.normalize:   # only when off, so descriptions written before the switch existed still match
+        kwargs["normalize"] = False
+    return kwargs

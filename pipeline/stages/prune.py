@@ -1,4 +1,5 @@
-"""Stage ``prune``: RGSM channel pruning with adversarial training continuing throughout."""
+"""Stage ``prune``: RGSM (channels), RVSM (weights) or projection ADMM, with adversarial training continuing
+throughout; ``method = "none"`` passes the train checkpoint through (a dense baseline row)."""
 from __future__ import annotations
 
 import json
@@ -7,14 +8,17 @@ import torch
 
 from models import create_model, describe
 
+from ..algorithms.admm import ADMM
 from ..algorithms.groups import coupled_families, group_costs, paper_families
 from ..algorithms.rgsm import RGSM
+from ..algorithms.rvsm import RVSM
+from ..algorithms.sparsity import sparsity_metrics
 from ..hardware import resolve_align
 from ..runio import load_model, save_model
 from ..runner import Stage, StageContext, StageResult
 from ..training import set_lr, step_lr, train_epoch
 from .common import data_splits, device_of, model_kwargs, seed_everything
-from .train import make_optimizer, sparsity_metrics, training_attack, validate
+from .train import epoch_optimizer, training_attack, validate
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -23,27 +27,33 @@ def run(ctx: StageContext) -> StageResult:
     device = device_of(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    train, val, _ = data_splits(cfg)
-    val_eval = val.subset(cfg.train.val_subset, cfg.data.split_seed + 3)
-    if p.init == "finetune":
+    if p.init == "finetune" or p.method == "none":
         model = load_model(ctx.inputs["train"]["model_weights"], ctx.inputs["train"]["model_arch"], device)
-        ctx.log("fine-tuning the train checkpoint")
+        ctx.log("dense baseline: the train checkpoint passes through" if p.method == "none"
+                else "fine-tuning the train checkpoint")
     else:
         model = create_model(cfg.model.arch, **model_kwargs(cfg)).to(device)
         ctx.log("pruning from initialisation")
+    if p.method == "none":
+        outputs = save_model(model, describe(model, cfg.model.arch, model_kwargs(cfg)), ctx.out_dir)
+        return StageResult(outputs, {"method": "none", **sparsity_metrics(model, p.zero_tol)})
+    train, val, _ = data_splits(cfg)
+    val_eval = val.subset(cfg.train.val_subset, cfg.data.split_seed + 3)
     sparsifier = make_sparsifier(model, cfg, device)
-    ctx.log(f"RGSM ({p.groups} groups, {len(sparsifier.families)} families, align {sparsifier.align}) "
-            f"threshold sqrt(2*{p.lambda1}/{p.beta}) = {sparsifier.threshold:.4g}"
-            + (f" for an average paper group (scaled per family by {p.group_cost})" if p.groups == "coupled" else ""))
-    optimizer = make_optimizer(model, cfg, p.lr)
+    ctx.log(describe_sparsifier(sparsifier, cfg))
+    optimizer = None
     attack = training_attack(cfg)
-    log_lines = []
+    log_lines, before_final = [], {}
     for epoch in range(p.epochs):
+        optimizer = epoch_optimizer(optimizer, model, cfg, p.lr)
         set_lr(optimizer, step_lr(epoch, base_lr=p.lr, epochs=p.epochs, milestones=p.lr_milestones, gamma=p.lr_gamma))
         stats = train_epoch(model, train, optimizer, batch_size=cfg.train.batch_size, attack=attack,
                             generator=generator, augment=cfg.train.augment, device=device, sparsifier=sparsifier,
                             progress=f"prune {epoch + 1}/{p.epochs}")
-        sparsifier.project()
+        last = epoch == p.epochs - 1
+        if last:
+            before_final = sparsity_metrics(model, p.zero_tol)
+        sparsifier.end_epoch(last=last)
         stats.update(validate(model, val_eval, cfg, device, generator))
         stats.update(sparsity_metrics(model, p.zero_tol))
         if p.groups == "coupled":
@@ -57,26 +67,53 @@ def run(ctx: StageContext) -> StageResult:
     outputs = save_model(model, describe(model, cfg.model.arch, model_kwargs(cfg)), ctx.out_dir)
     outputs["epochs_log"] = ctx.out_dir / "epochs.jsonl"
     last = json.loads(log_lines[-1]) if log_lines else {}
-    metrics = {"threshold": sparsifier.threshold, "sparsifier": sparsifier.state_dict(), "groups": p.groups,
-               "align": sparsifier.align, "family_widths": sparsifier.kept_widths(),
+    state = sparsifier.state_dict()
+    metrics = {"method": p.method, "threshold": getattr(sparsifier, "threshold", None),
+               "sparsifier": {k: v for k, v in state.items() if k not in ("z", "u")}, "groups": p.groups,
                "val": {k: last[k] for k in ("val_natural", "val_robust") if k in last},
                **sparsity_metrics(model, p.zero_tol)}
+    if isinstance(sparsifier, RGSM):
+        metrics.update({"align": sparsifier.align, "family_widths": sparsifier.kept_widths()})
+    if p.method == "admm":
+        # what the reference code would have reported: it never projects at the end
+        metrics["before_final_projection"] = before_final
     return StageResult(outputs, metrics)
 
 
-def make_sparsifier(model, cfg, device) -> RGSM:
-    """The paper's groups (every conv's input channels, stem and 1x1 shortcuts included), or coupled
-    removable channels with cost-scaled lambdas and widths kept at a multiple of the hardware block."""
+def make_sparsifier(model, cfg, device):
+    """RGSM on the paper's groups (every conv's input channels, stem and 1x1 shortcuts included) or on coupled
+    removable channels (cost-scaled lambdas, widths kept at a multiple of the hardware block); RVSM and ADMM on
+    every conv kernel."""
     p = cfg.prune
+    if p.method == "rvsm":
+        return RVSM([f.slices[0].tensor for f in paper_families(model)], beta=p.beta, lam=p.rvsm_lambda,
+                    penalty=p.penalty, a=p.tl1_a)
+    if p.method == "admm":
+        return ADMM([f.slices[0].tensor for f in paper_families(model)], rho=p.rho, percentile=p.percentile,
+                    sparsity=p.sparsity)
     if p.groups == "paper":
-        return RGSM(paper_families(model), beta=p.beta, lambda1=p.lambda1, lambda2=p.lambda2)
+        return RGSM(paper_families(model), beta=p.beta, lambda1=p.lambda1, lambda2=p.lambda2, prox=p.rgsm_prox)
     align = resolve_align(p.align)
     example = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
     # min_keep = align: a family never drops below one block, so no layer reaches width 0 and surgery never
     # has to keep a zero channel for shape (which would break the alignment).
     families = coupled_families(model, example)
     return RGSM(families, beta=p.beta, lambda1=p.lambda1, lambda2=p.lambda2, align=align, min_keep=align,
-                scales=group_costs(model, families, example, p.group_cost))
+                scales=group_costs(model, families, example, p.group_cost), prox=p.rgsm_prox)
+
+
+def describe_sparsifier(s, cfg) -> str:
+    p = cfg.prune
+    if isinstance(s, RVSM):
+        return f"RVSM ({p.penalty}, {len(s.weights)} conv kernels) beta {p.beta}, lambda {p.rvsm_lambda}: " \
+               f"weights with |w| <= {s.threshold:.4g} are pulled to 0"
+    if isinstance(s, ADMM):
+        return f"ADMM ({p.sparsity}, {len(s.weights)} conv kernels) rho {p.rho}: keep each layer's top " \
+               f"{100 - p.percentile:g} % ({p.percentile:g}th percentile), final projection at the end"
+    rule = f"sqrt(2*{p.lambda1}/{p.beta})" if s.prox == "hard" else f"{p.lambda1}/{p.beta} (group soft threshold)"
+    return (f"RGSM ({p.groups} groups, {len(s.families)} families, align {s.align}) threshold {rule} = "
+            f"{s.threshold:.4g}" + (f" for an average paper group (scaled per family by {p.group_cost})"
+                                    if p.groups == "coupled" else ""))
 
 
 STAGE = Stage("prune", sections=("seed", "data", "model", "train", "prune"), inputs=("train",), run=run)

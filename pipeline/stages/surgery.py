@@ -7,7 +7,7 @@ import torch.nn as nn
 from models import describe
 
 from ..algorithms.surgery import count_params_macs, remove_dead_channels
-from ..algorithms.sparsity import weight_sparsity
+from ..algorithms.sparsity import sparsity_metrics
 from ..runio import load_model, save_model
 from ..runner import Stage, StageContext, StageResult
 from .common import model_kwargs
@@ -20,7 +20,7 @@ def run(ctx: StageContext) -> StageResult:
     example = torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(cfg.seed))
     result = remove_dead_channels(masked, example, tol=cfg.surgery.tol)
     pruned = result.model
-    zero_w, total_w = weight_sparsity(masked)
+    sparsity = sparsity_metrics(masked, cfg.surgery.tol)
     params_before, macs_before = count_params_macs(masked)
     params_after, macs_after = count_params_macs(pruned)
     outputs = save_model(pruned, describe(pruned, cfg.model.arch, model_kwargs(cfg)), ctx.out_dir)
@@ -31,7 +31,7 @@ def run(ctx: StageContext) -> StageResult:
                "macs_before": macs_before, "macs_after": macs_after,
                # The paper's figures describe the masked model that surgery started from.
                "channel_sparsity": 100.0 * result.zero_channels / result.total_channels,
-               "weight_sparsity": 100.0 * zero_w / total_w}
+               **{k: sparsity[k] for k in ("channel_weight_sparsity", "weight_sparsity", "conv_weights")}}
     metrics["layers"] = layer_widths(masked, pruned)
     ctx.log(f"removed {result.removed_channels}/{result.zero_channels} zero channels, "
             f"params {params_before} -> {params_after}, MACs {macs_before} -> {macs_after}, "

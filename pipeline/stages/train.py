@@ -8,7 +8,7 @@ import torch
 from models import create_model, describe
 
 from ..algorithms.attacks import make_attack
-from ..algorithms.sparsity import PAPER_ZERO_TOL, channel_sparsity, weight_sparsity
+from ..algorithms.sparsity import PAPER_ZERO_TOL, sparsity_metrics
 from ..runio import save_model
 from ..runner import Stage, StageContext, StageResult
 from ..training import evaluate, set_lr, snapshot, step_lr, train_epoch
@@ -41,11 +41,12 @@ def validate(model, val, cfg, device, generator) -> dict:
     return out
 
 
-def sparsity_metrics(model, tol: float) -> dict:
-    zc, tc = channel_sparsity(model, tol)
-    zw, tw = weight_sparsity(model)
-    return {"zero_channels": zc, "total_channels": tc, "channel_sparsity": 100.0 * zc / tc,
-            "weight_sparsity": 100.0 * zw / tw}
+def epoch_optimizer(optimizer, model, cfg, lr: float):
+    """The optimizer for the next epoch: the same one, or (train.reset_optimizer = "epoch") a fresh SGD whose
+    momentum starts from zero, as the reference code re-creates it every epoch."""
+    if optimizer is None or cfg.train.reset_optimizer == "epoch":
+        return make_optimizer(model, cfg, lr)
+    return optimizer
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -58,11 +59,12 @@ def run(ctx: StageContext) -> StageResult:
     val_eval = val.subset(t.val_subset, cfg.data.split_seed + 3)
     ctx.log(f"{len(train)} train / {len(val_eval)} val images on {device}")
     model = create_model(cfg.model.arch, **model_kwargs(cfg)).to(device)
-    optimizer = make_optimizer(model, cfg, t.lr)
+    optimizer = None
     attack = training_attack(cfg)
     select_on = "val_robust" if validation_attack(cfg) is not None else "val_natural"
     best, best_state, log_lines = None, None, []
     for epoch in range(t.epochs):
+        optimizer = epoch_optimizer(optimizer, model, cfg, t.lr)
         set_lr(optimizer, step_lr(epoch, base_lr=t.lr, epochs=t.epochs, milestones=t.lr_milestones, gamma=t.lr_gamma))
         stats = train_epoch(model, train, optimizer, batch_size=t.batch_size, attack=attack, generator=generator,
                             augment=t.augment, device=device, progress=f"train {epoch + 1}/{t.epochs}")
