@@ -186,7 +186,7 @@ def _paper_tables(report: dict) -> list[str]:
                              + " | ".join(cell(res, k, avg) for _, k in paper_cols) + " |")
     paper = report.get("paper", {})
     if any(k in paper for k in ("a1_natural", "a2_fgsm", "a3_ifgsm20", "a4_cw")):
-        lines.append(f"| paper: {paper.get('row', '')} | noise on, 1 pass | "
+        lines.append(f"| paper: {paper.get('row', '')} | as published | "
                      + " | ".join(_fmt(paper.get(k)) if k in paper else "–"
                                   for k in ("a1_natural", "a2_fgsm", "a3_ifgsm20", "a4_cw")) + " |")
     lines += ["", "## Robustness: strong attacks", "",

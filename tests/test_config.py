@@ -1,4 +1,5 @@
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -336,3 +337,28 @@ def test_directory_as_config(tmp_path):
 def test_unknown_section_from_set_blames_set(tmp_path):
     msg = config_error(write(tmp_path, 'name = "x"\n'), ["nosuch.key=1"])
     assert msg.startswith("--set: ") and "nosuch" in msg
+
+
+@pytest.mark.parametrize("override,message", [
+    ("prune.method=obd", "prune.method: expected one of rgsm, rvsm, admm, none"),
+    ("prune.penalty=l2", "prune.penalty: expected one of l0, l1, tl1"),
+    ("prune.sparsity=filter", "prune.sparsity: expected one of elem, channel"),
+    ("prune.rgsm_prox=medium", "prune.rgsm_prox: expected one of hard, soft"),
+    ("train.reset_optimizer=batch", "train.reset_optimizer: expected one of never, epoch"),
+    ("prune.percentile=100", "prune.percentile: expected a percentile in [0, 100)"),
+    ("prune.rho=0", "prune.rho: expected > 0"),
+    ("prune.tl1_a=-1", "prune.tl1_a: expected > 0"),
+    ("prune.rvsm_lambda=-1e-6", "prune.rvsm_lambda: expected >= 0"),
+])
+def test_method_settings_validated(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, [override])
+
+
+def test_method_combinations_validated():
+    with pytest.raises(ConfigError, match=r'prune.groups: expected "paper" unless prune.method = "rgsm"'):
+        load_config(None, ["prune.method=rvsm", "prune.groups=coupled"])
+    with pytest.raises(ConfigError, match=r'prune.rgsm_prox: expected "hard" when prune.align is not 1'):
+        load_config(None, ["prune.groups=coupled", "prune.align=8", "prune.rgsm_prox=soft"])
+    cfg = load_config(None, ["prune.method=admm", "prune.sparsity=channel", "model.normalize=false"])
+    assert (cfg.prune.method, cfg.prune.sparsity, cfg.model.normalize) == ("admm", "channel", False)

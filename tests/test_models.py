@@ -352,3 +352,24 @@ def test_describe_round_trip_dense():
     x = images(2)
     with noise_disabled(model), noise_disabled(rebuilt), torch.no_grad():
         assert torch.equal(model(x), rebuilt(x))
+
+
+def test_normalize_off_feeds_raw_pixels_to_the_stem():
+    """normalize=False (the reference's raw [0, 1] input) computes the normalized model's function of the
+    de-normalized input: same weights, x -> (x - mean) / std moved outside."""
+    from models.preact_resnet import CIFAR10_MEAN, CIFAR10_STD
+
+    torch.manual_seed(0)
+    raw = models.create_model("test_resnet", ensemble=2, noise_coef=0.1, normalize=False).eval()
+    norm = models.create_model("test_resnet", ensemble=2, noise_coef=0.1).eval()
+    assert not any("normalize" in k for k in raw.state_dict())
+    missing, unexpected = norm.load_state_dict(raw.state_dict(), strict=False)
+    assert unexpected == [] and all(k.endswith(("normalize.mean", "normalize.std")) for k in missing)
+    x = torch.rand(4, 3, 32, 32)
+    mean, std = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1), torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
+    with models.noise_disabled(raw), models.noise_disabled(norm), torch.no_grad():
+        torch.testing.assert_close(raw((x - mean) / std), norm(x), rtol=1e-5, atol=1e-5)
+        assert (raw(x) - norm(x)).abs().max() > 1e-3     # and the switch really changes the function
+    desc = models.describe(raw, "test_resnet", {"ensemble": 2, "noise_coef": 0.1, "normalize": False})
+    rebuilt = models.build_from_description(desc)
+    rebuilt.load_state_dict(raw.state_dict())           # strict: no normalisation buffers expected

@@ -37,3 +37,45 @@ def test_nan_loss_stops_training_naming_epoch_and_batch():
     with pytest.raises(TrainingDiverged, match=r"train 3/5: the loss became nan at batch 1/2 \(lr = 0.1\)"):
         train_epoch(model, split, optimizer, batch_size=32, attack=None, generator=torch.Generator().manual_seed(0),
                     augment=False, device="cpu", progress="train 3/5")
+
+
+def test_reset_optimizer_epoch_restarts_momentum():
+    from pipeline.config import load_config
+    from pipeline.stages.train import epoch_optimizer
+
+    model = models.create_model("test_resnet", ensemble=1, noise_coef=0.0)
+    model(torch.rand(2, 3, 32, 32)).sum().backward()
+    for mode, fresh in (("never", False), ("epoch", True)):
+        cfg = load_config(None, [f"train.reset_optimizer={mode}"])
+        first = epoch_optimizer(None, model, cfg, 0.1)
+        first.step()                                   # creates momentum buffers
+        assert len(first.state) > 0
+        nxt = epoch_optimizer(first, model, cfg, 0.1)
+        assert (nxt is not first) == fresh
+        assert (len(nxt.state) == 0) == fresh
+
+
+def test_prune_stage_drives_every_sparsifier_through_one_protocol():
+    """train_epoch calls before_batch / regularize / pull on whatever sparsifier it gets (ADMM needs all three)."""
+    from pipeline.data import Split
+    from pipeline.training import train_epoch
+
+    calls = []
+
+    class Recorder:
+        def before_batch(self):
+            calls.append("before_batch")
+
+        def regularize(self):
+            calls.append("regularize")
+
+        def pull(self, lr):
+            calls.append(f"pull {lr}")
+
+    torch.manual_seed(0)
+    model = models.create_model("test_resnet", ensemble=1, noise_coef=0.0)
+    split = Split(torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 10, (64,)))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    train_epoch(model, split, optimizer, batch_size=32, attack=None, generator=torch.Generator().manual_seed(0),
+                augment=False, device="cpu", sparsifier=Recorder())
+    assert calls == ["before_batch", "regularize", "pull 0.05"] * 2
