@@ -113,6 +113,11 @@ def _main(argv: list[str] | None) -> int:
         return 0
     except UserError as e:
         return _fail(str(e))
+    except BrokenPipeError:     # `pipeline show-config ... | head`: the reader left, nothing is wrong
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except OSError as e:        # the output folder under a file, read-only, a full disk, ...
         return _fail(_os_error(e))
     except Exception as e:

@@ -136,8 +136,8 @@ def point_row(cfg: RunConfig, manifest: dict, report: dict) -> dict:
         "channel_sparsity": surgery["channel_sparsity"],
         "channel_weight_sparsity": surgery.get("channel_weight_sparsity"),
         "weight_sparsity": surgery["weight_sparsity"],
-        "removable_channels": 100.0 * surgery["removed_fraction"] if surgery.get("removed_fraction") is not None
-        else None,
+        # channels surgery really removed, over all input channels: comparable with channel_sparsity
+        "removable_channels": 100.0 * surgery["removed_channels"] / surgery["total_channels"],
         "mac_reduction": surgery["macs_before"] / surgery["macs_after"],
         "speedup": headline.get("speedup"),
         "val": st["prune"]["metrics"].get("val", {}),
@@ -180,8 +180,9 @@ def render_sweep_markdown(sweep: dict) -> str:
              "Columns in the paper's Table 2 order. A1-A4: the pruned model's test accuracy (%) with the reference "
              "script's attacks (A2 FGSM, A3 IFGSM-20, A4 its rescaled C&W), noise on and one pass when the model "
              "has noise. Ch. Sp.: input-channel groups with norm < 1e-15 (the paper's count). Sp. (ch.): weights "
-             "in those channels; Sp. (exact): exactly zero conv weights. Removable: channels surgery really "
-             "removed. Speed-up: onnxruntime, best level of each artifact, batch 1, 1 thread.", "",
+             "in those channels; Sp. (exact): exactly zero conv weights. Removable: input channels surgery really "
+             "removed (% of all, like Ch. Sp.). Speed-up: onnxruntime, best level of each artifact, batch 1, "
+             "1 thread.", "",
              "| point | net | method | hyper-parameters | A1 | A2 | A3 | A4 | Ch. Sp. | Sp. (ch.) | Sp. (exact) | "
              "removable | MACs ÷ | speed-up | seconds |",
              "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
