@@ -69,6 +69,9 @@ class TrainConfig:
     # "epoch": a new SGD optimizer every epoch (train and prune), as the reference code does -- so momentum
     # restarts after each epoch-end hard projection. "never": one optimizer for the whole stage.
     reset_optimizer: str = "never"
+    # train and prune save a resumable checkpoint (weights, optimizer, sparsifier, RNG states) every this many
+    # epochs, so a killed run continues from there; 0 = never. Not part of any stage key: it changes no result.
+    checkpoint_every: int = 1
 
 
 @dataclass(frozen=True)
@@ -203,7 +206,7 @@ CHOICES = {
     "prune.init": ("finetune", "scratch"),
 }
 NON_NEGATIVE = {"threads", "data.val_size", "data.train_subset", "data.test_subset", "train.attack.steps",
-                "train.val_attack_steps", "train.val_subset", "train.weight_decay", "prune.lambda1",
+                "train.val_attack_steps", "train.val_subset", "train.checkpoint_every", "train.weight_decay", "prune.lambda1",
                 "prune.lambda2", "prune.rvsm_lambda", "eval.pgd_steps", "eval.images", "eval.ifgsm_steps", "eval.cw_steps", "eval.cw_kappa",
                 "eval.sanity_slack_pt", "eval.sweep_steps", "bench.accuracy_subset", "train.attack.eps_255",
                 "eval.eps_255", "bench.warmup"}

@@ -17,7 +17,7 @@ from typing import Callable
 from .codeprint import code_fingerprint
 from .config import RunConfig, to_dict
 from .errors import ManifestError, UserError
-from .runio import sha256_file, sha256_json, write_json
+from .runio import atomic_write_text, sha256_file, sha256_json, write_json
 
 MANIFEST = "manifest.json"
 LOCK = ".lock"
@@ -49,6 +49,8 @@ class StageContext:
     inputs: dict[str, dict[str, Path]]     # upstream stage -> output name -> path
     metrics_of: dict[str, dict]            # upstream stage -> its recorded metrics
     log: Callable[[str], None] = print
+    # where a long stage keeps its mid-stage checkpoint (pipeline/resume.py); tagged with the stage key
+    resume_dir: Path | None = None
 
 
 @dataclass
@@ -133,10 +135,17 @@ def _manifest_problem(manifest) -> str | None:
     return None
 
 
+# Settings that change how a stage runs but never what it produces: left out of every key, so changing them
+# (or adding them to the config) reruns nothing.
+RESULT_NEUTRAL = {("train", "checkpoint_every")}
+
+
 def stage_key(stage: Stage, cfg: RunConfig, manifest: dict, *, code: bool = True) -> str:
     """Hash of what the stage's result depends on: its config sections, its inputs' hashes and (``code``) the
     fingerprint of its code."""
     cfg_dict = to_dict(cfg)
+    for section, key in RESULT_NEUTRAL:
+        cfg_dict[section].pop(key, None)
     upstream = {name: {k: v["sha256"] for k, v in manifest["stages"][name]["outputs"].items()}
                 for name in stage.inputs}
     parts = {"stage": stage.name, "config": {s: cfg_dict[s] for s in stage.sections}, "inputs": upstream}
@@ -231,6 +240,19 @@ def _adopt(stage: Stage, key: str, run_dir: Path, manifest: dict, donors: tuple[
     return None
 
 
+def _resume_dir(run_dir: Path, stage: str, key: str) -> Path:
+    """``RUN/.<stage>.resume``, emptied unless it was written under this very key (config, inputs and code):
+    a checkpoint of other settings or other code must never be continued."""
+    folder = run_dir / f".{stage}.resume"
+    tag = folder / "KEY"
+    if folder.exists() and (not tag.is_file() or tag.read_text().strip() != key):
+        shutil.rmtree(folder)
+    if not tag.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(tag, key + "\n")
+    return folder
+
+
 def _run_locked(cfg: RunConfig, run_dir: Path, stages: list[Stage], *, log, after_stage, reuse_stale: bool,
                 donors: tuple[Path, ...] = ()) -> dict:
     manifest = load_manifest(run_dir)
@@ -267,7 +289,8 @@ def _run_locked(cfg: RunConfig, run_dir: Path, stages: list[Stage], *, log, afte
                            inputs={n: {k: run_dir / v["path"] for k, v in manifest["stages"][n]["outputs"].items()}
                                    for n in stage.inputs},
                            metrics_of={n: manifest["stages"][n].get("metrics", {}) for n in stage.inputs},
-                           log=lambda msg, _n=stage.name: log(f"[{_n}] {msg}"))
+                           log=lambda msg, _n=stage.name: log(f"[{_n}] {msg}"),
+                           resume_dir=_resume_dir(run_dir, stage.name, key))
         started, t0 = _now(), time.perf_counter()
         try:
             result = stage.run(ctx)
@@ -280,6 +303,7 @@ def _run_locked(cfg: RunConfig, run_dir: Path, stages: list[Stage], *, log, afte
             manifest["stages"][stage.name] = {**good, "last_failure": failure}
             write_json(run_dir / MANIFEST, manifest)
             raise
+        shutil.rmtree(ctx.resume_dir, ignore_errors=True)   # finished: the mid-stage checkpoint is spent
         # Swap the finished folder in whole, so a crash never leaves a half-written stage behind.
         old_dir = run_dir / f".{stage.name}.old"
         shutil.rmtree(old_dir, ignore_errors=True)

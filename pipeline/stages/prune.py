@@ -8,6 +8,7 @@ import torch
 
 from models import create_model, describe
 
+from .. import resume
 from ..algorithms.admm import ADMM
 from ..algorithms.groups import coupled_families, group_costs, paper_families
 from ..algorithms.rgsm import RGSM
@@ -18,7 +19,7 @@ from ..runio import load_model, save_model
 from ..runner import Stage, StageContext, StageResult
 from ..training import set_lr, step_lr, train_epoch
 from .common import data_splits, device_of, model_kwargs, seed_everything
-from .train import epoch_optimizer, training_attack, validate
+from .train import epoch_optimizer, make_optimizer, training_attack, validate
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -39,12 +40,22 @@ def run(ctx: StageContext) -> StageResult:
         return StageResult(outputs, {"method": "none", **sparsity_metrics(model, p.zero_tol)})
     train, val, _ = data_splits(cfg)
     val_eval = val.subset(cfg.train.val_subset, cfg.data.split_seed + 3)
+    state = resume.load(ctx.resume_dir)
+    if state is not None:   # weights first: a sparsifier may derive its state from them (ADMM's z)
+        model.load_state_dict(state["model"])
     sparsifier = make_sparsifier(model, cfg, device)
     ctx.log(describe_sparsifier(sparsifier, cfg))
     optimizer = None
     attack = training_attack(cfg)
-    log_lines, before_final = [], {}
-    for epoch in range(p.epochs):
+    log_lines, before_final, start = [], {}, 0
+    if state is not None:
+        sparsifier.load_state_dict(state["sparsifier"])
+        optimizer = make_optimizer(model, cfg, p.lr)
+        optimizer.load_state_dict(state["optimizer"])
+        log_lines, start = state["log_lines"], state["epoch"]
+        resume.set_rng_state(state["rng"], generator)
+        ctx.log(f"resuming after epoch {start}/{p.epochs} from the stage's last checkpoint")
+    for epoch in range(start, p.epochs):
         optimizer = epoch_optimizer(optimizer, model, cfg, p.lr)
         set_lr(optimizer, step_lr(epoch, base_lr=p.lr, epochs=p.epochs, milestones=p.lr_milestones, gamma=p.lr_gamma))
         stats = train_epoch(model, train, optimizer, batch_size=cfg.train.batch_size, attack=attack,
@@ -61,6 +72,10 @@ def run(ctx: StageContext) -> StageResult:
         stats["epoch"] = epoch + 1
         log_lines.append(json.dumps(stats))
         ctx.log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in stats.items()))
+        if resume.due(epoch + 1, p.epochs, cfg.train.checkpoint_every):
+            resume.save(ctx.resume_dir, {"epoch": epoch + 1, "model": model.state_dict(),
+                                         "optimizer": optimizer.state_dict(), "sparsifier": sparsifier.state_dict(),
+                                         "log_lines": log_lines, "rng": resume.rng_state(generator)})
     # The pruned model is the last projected iterate: earlier epochs are less sparse, so selecting among them
     # on validation accuracy would trade away the sparsity the stage exists for.
     (ctx.out_dir / "epochs.jsonl").write_text("\n".join(log_lines) + "\n")

@@ -8,6 +8,7 @@ import torch
 from models import create_model, describe
 
 from ..algorithms.attacks import make_attack
+from .. import resume
 from ..algorithms.sparsity import PAPER_ZERO_TOL, sparsity_metrics
 from ..runio import save_model
 from ..runner import Stage, StageContext, StageResult
@@ -63,7 +64,16 @@ def run(ctx: StageContext) -> StageResult:
     attack = training_attack(cfg)
     select_on = "val_robust" if validation_attack(cfg) is not None else "val_natural"
     best, best_state, log_lines = None, None, []
-    for epoch in range(t.epochs):
+    start = 0
+    state = resume.load(ctx.resume_dir)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer = make_optimizer(model, cfg, t.lr)
+        optimizer.load_state_dict(state["optimizer"])
+        best, best_state, log_lines, start = state["best"], state["best_state"], state["log_lines"], state["epoch"]
+        resume.set_rng_state(state["rng"], generator)
+        ctx.log(f"resuming after epoch {start}/{t.epochs} from the stage's last checkpoint")
+    for epoch in range(start, t.epochs):
         optimizer = epoch_optimizer(optimizer, model, cfg, t.lr)
         set_lr(optimizer, step_lr(epoch, base_lr=t.lr, epochs=t.epochs, milestones=t.lr_milestones, gamma=t.lr_gamma))
         stats = train_epoch(model, train, optimizer, batch_size=t.batch_size, attack=attack, generator=generator,
@@ -74,6 +84,10 @@ def run(ctx: StageContext) -> StageResult:
         ctx.log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in stats.items()))
         if best is None or stats[select_on] > best[select_on]:
             best, best_state = stats, snapshot(model)
+        if resume.due(epoch + 1, t.epochs, t.checkpoint_every):
+            resume.save(ctx.resume_dir, {"epoch": epoch + 1, "model": model.state_dict(),
+                                         "optimizer": optimizer.state_dict(), "best": best, "best_state": best_state,
+                                         "log_lines": log_lines, "rng": resume.rng_state(generator)})
     model.load_state_dict(best_state)
     (ctx.out_dir / "epochs.jsonl").write_text("\n".join(log_lines) + "\n")
     outputs = save_model(model, describe(model, cfg.model.arch, model_kwargs(cfg)), ctx.out_dir)
