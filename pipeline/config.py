@@ -38,6 +38,9 @@ class ModelConfig:
     # Mean/std normalisation inside the model. The paper's reference code feeds raw [0, 1] pixels to the stem
     # (false); either way the model and its ONNX graph take [0, 1] images.
     normalize: bool = True
+    # "grouped": the train stage runs the n members as one network of grouped convs (models/grouped.py; same
+    # function, fewer kernel launches -- for GPUs); artifacts are saved as the member list either way.
+    ensemble_impl: str = "members"
 
 
 @dataclass(frozen=True)
@@ -201,6 +204,7 @@ CHOICES = {
     "prune.penalty": ("l0", "l1", "tl1"),
     "prune.sparsity": ("elem", "channel"),
     "train.reset_optimizer": ("never", "epoch"),
+    "model.ensemble_impl": ("members", "grouped"),
     "prune.groups": ("paper", "coupled"),
     "prune.group_cost": ("macs", "weights"),
     "prune.init": ("finetune", "scratch"),

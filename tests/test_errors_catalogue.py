@@ -181,6 +181,18 @@ CASES = {
     "data-missing-offline": (fresh_out_with(data=empty_data), "CIFAR-10 not found", 2),
     "data-damaged": (fresh_out_with(data=damaged_data), "data_batch_2: damaged", 2),
     "ctrl-c-at-start-up": (interrupted_at_start, "interrupted", 2),
+    "unknown-prune-method": (sets("prune.method=obd"), "prune.method: expected one of rgsm, rvsm, admm, none", 2),
+    "coupled-groups-without-rgsm": (sets("prune.method=rvsm", "prune.groups=coupled"),
+                                    'prune.groups: expected "paper" unless prune.method = "rgsm"', 2),
+    "admm-percentile-100": (sets("prune.percentile=100"), "prune.percentile: expected a percentile in [0, 100)", 2),
+    "sweep-grid-malformed": (lambda t, p, m: ["sweep", "--config", SMOKE, "--grid", "prune.lambda1", "--out",
+                                              str(p)], "--grid prune.lambda1: expected section.key=value1", 2),
+    "sweep-grid-bad-value": (lambda t, p, m: ["sweep", "--config", SMOKE, "--grid", "prune.lambda1=0.1,-1", "--out",
+                                              str(p)], "--grid point prune.lambda1=-1: prune.lambda1: expected >= 0", 2),
+    "share-from-missing": (lambda t, p, m: ["run", "--config", SMOKE, "--share-from", str(t / "nope"), "--out",
+                                            str(p)], "--share-from", 2),
+    "until-unknown-stage": (lambda t, p, m: ["run", "--config", SMOKE, "--until", "deploy", "--out", str(p)],
+                            "--until deploy: expected one of train, prune", 2),
     "internal-error": (internal_error, "internal error: ValueError: an internal bug (rerun with --debug", 1),
 }
 

@@ -60,6 +60,11 @@ def run(ctx: StageContext) -> StageResult:
     val_eval = val.subset(t.val_subset, cfg.data.split_seed + 3)
     ctx.log(f"{len(train)} train / {len(val_eval)} val images on {device}")
     model = create_model(cfg.model.arch, **model_kwargs(cfg)).to(device)
+    if cfg.model.ensemble_impl == "grouped":
+        from models.grouped import to_grouped
+
+        model = to_grouped(model)   # same initial weights as the member list
+        ctx.log(f"training the {cfg.model.ensemble} members as one grouped-convolution network")
     optimizer = None
     attack = training_attack(cfg)
     select_on = "val_robust" if validation_attack(cfg) is not None else "val_natural"
@@ -89,6 +94,10 @@ def run(ctx: StageContext) -> StageResult:
                                          "optimizer": optimizer.state_dict(), "best": best, "best_state": best_state,
                                          "log_lines": log_lines, "rng": resume.rng_state(generator)})
     model.load_state_dict(best_state)
+    if cfg.model.ensemble_impl == "grouped":
+        from models.grouped import to_members
+
+        model = to_members(model, create_model(cfg.model.arch, **model_kwargs(cfg)).to(device))
     (ctx.out_dir / "epochs.jsonl").write_text("\n".join(log_lines) + "\n")
     outputs = save_model(model, describe(model, cfg.model.arch, model_kwargs(cfg)), ctx.out_dir)
     outputs["epochs_log"] = ctx.out_dir / "epochs.jsonl"
