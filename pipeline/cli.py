@@ -48,6 +48,15 @@ def _parser() -> argparse.ArgumentParser:
     tb.add_argument("--set", action="append", default=[])
     tb.add_argument("--images", type=int, default=2048, help="training images per measured epoch")
     tb.add_argument("--workers", type=int, default=2, help="DataLoader workers for the reference loop")
+    tb.add_argument("--variants", action="store_true",
+                    help="instead: time the PGD training step for every variant below (synthetic data, no files)")
+    tb.add_argument("--device", choices=("cpu", "cuda"), help="overrides the config's device")
+    tb.add_argument("--batches", default="128,512", help="--variants: batch sizes, comma-separated")
+    tb.add_argument("--precisions", default="fp32,bf16", help="--variants: fp32 and/or bf16 (autocast)")
+    tb.add_argument("--impls", default="members,grouped", help="--variants: members and/or grouped")
+    tb.add_argument("--channels-last", default="false,true", help="--variants: false and/or true")
+    tb.add_argument("--steps", type=int, default=20, help="--variants: timed steps per variant")
+    tb.add_argument("--warmup", type=int, default=5, help="--variants: untimed steps first")
     return p
 
 
@@ -84,6 +93,8 @@ def _main(argv: list[str] | None) -> int:
                 print(f"{k} = {v!r}")
             return 0
         if args.command == "bench-train":
+            if args.variants:
+                return _bench_variants(args, cfg)
             from .bench_train import run_bench
 
             run_bench(cfg, images=args.images, workers=args.workers)
@@ -126,6 +137,34 @@ def _main(argv: list[str] | None) -> int:
         print(f"pipeline: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
               "(rerun with --debug for the traceback)", file=sys.stderr)
         return 1
+
+
+def _bench_variants(args, cfg) -> int:
+    import torch
+
+    from .bench_variants import run_variants
+    from .config import ConfigError
+    from .stages.common import device_of
+
+    def items(name: str, text: str, cast):
+        try:
+            return [cast(v.strip()) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise ConfigError(f"{name}: expected a comma-separated list, got {text!r}") from None
+
+    def flag(v: str) -> bool:
+        if v not in ("true", "false"):
+            raise ValueError(v)
+        return v == "true"
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: torch sees no CUDA device here")
+    device = torch.device(args.device) if args.device else device_of(cfg)
+    run_variants(cfg, device=device, batches=items("--batches", args.batches, int),
+                 precisions=items("--precisions", args.precisions, str), impls=items("--impls", args.impls, str),
+                 channels_last=items("--channels-last", args.channels_last, flag), steps=args.steps,
+                 warmup=args.warmup)
+    return 0
 
 
 def _sweep(args) -> int:

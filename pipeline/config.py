@@ -75,6 +75,10 @@ class TrainConfig:
     # train and prune save a resumable checkpoint (weights, optimizer, sparsifier, RNG states) every this many
     # epochs, so a killed run continues from there; 0 = never. Not part of any stage key: it changes no result.
     checkpoint_every: int = 1
+    # "bf16": attack + forward under bf16 autocast (weights and optimizer fp32); channels_last: NHWC tensors.
+    # Both are for GPUs (pipeline bench-train --variants measures them); the paper configs keep fp32.
+    precision: str = "fp32"
+    channels_last: bool = False
 
 
 @dataclass(frozen=True)
@@ -205,6 +209,7 @@ CHOICES = {
     "prune.sparsity": ("elem", "channel"),
     "train.reset_optimizer": ("never", "epoch"),
     "model.ensemble_impl": ("members", "grouped"),
+    "train.precision": ("fp32", "bf16"),
     "prune.groups": ("paper", "coupled"),
     "prune.group_cost": ("macs", "weights"),
     "prune.init": ("finetune", "scratch"),

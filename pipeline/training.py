@@ -28,29 +28,52 @@ def set_lr(optimizer, lr: float) -> None:
 
 
 def train_epoch(model, split: Split, optimizer, *, batch_size: int, attack, generator: torch.Generator,
-                augment: bool, device, sparsifier=None, progress: str | None = None) -> dict:
+                augment: bool, device, sparsifier=None, progress: str | None = None, precision: str = "fp32",
+                channels_last: bool = False) -> dict:
     """One epoch of (adversarial) training. A ``sparsifier`` (RGSM, RVSM, ADMM) gets ``before_batch()``,
-    ``regularize()`` after backward and ``pull(lr)`` after the optimizer step; the caller ends its epoch."""
+    ``regularize()`` after backward and ``pull(lr)`` after the optimizer step; the caller ends its epoch.
+
+    ``precision = "bf16"`` runs the attack and the forward pass under bf16 autocast (weights, gradients and the
+    optimizer stay fp32); ``channels_last`` feeds NHWC batches (the model must be converted by the caller).
+    Loss and accuracy accumulate on the device: on a GPU the loop never waits for the host, and a non-finite
+    loss is reported at the end of the epoch (naming its first batch) instead of at once."""
     from tqdm import tqdm
 
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+    device = torch.device(device)
     model.train()
     lr = optimizer.param_groups[0]["lr"]
-    seen = correct = 0
-    loss_sum = 0.0
+    seen = 0
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    first_bad = torch.zeros((), dtype=torch.int64, device=device)   # 1-based index of the first non-finite loss
+    check_now = device.type != "cuda"   # on the CPU a check costs nothing: stop at the bad batch itself
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16" \
+        else contextlib.nullcontext
     start = time.perf_counter()
     n_batches = (len(split) + batch_size - 1) // batch_size
     it = batches(split, batch_size, shuffle=True, generator=generator, augment_images=augment, device=device)
     bar = tqdm(it, total=n_batches, desc=progress, leave=False, disable=None if progress else True, mininterval=2)
+
+    def diverged(index, value):
+        return TrainingDiverged(f"{progress or 'training'}: the loss became {value} at batch {index}/{n_batches} "
+                                f"(lr = {lr}); lower the learning rate")
+
     for batch_index, (x, y) in enumerate(bar, start=1):
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         if sparsifier is not None:
             sparsifier.before_batch()
-        if attack is not None:
-            x = attack(model, x, y, generator)
-        logits = model(x)
-        loss = F.cross_entropy(logits, y)
-        if not torch.isfinite(loss):
-            raise TrainingDiverged(f"{progress or 'training'}: the loss became {float(loss.detach())} at batch "
-                                   f"{batch_index}/{n_batches} (lr = {lr}); lower the learning rate")
+        with autocast():
+            if attack is not None:
+                x = attack(model, x, y, generator)
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+        finite = torch.isfinite(loss.detach())
+        if check_now and not bool(finite):
+            raise diverged(batch_index, float(loss.detach()))
+        first_bad = torch.where((first_bad == 0) & ~finite, batch_index, first_bad)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if sparsifier is not None:
@@ -59,10 +82,12 @@ def train_epoch(model, split: Split, optimizer, *, batch_size: int, attack, gene
         if sparsifier is not None:
             sparsifier.pull(lr)
         seen += len(y)
-        loss_sum += float(loss.detach()) * len(y)
-        correct += int((logits.argmax(1) == y).sum())
+        loss_sum += loss.detach().double() * len(y)
+        correct += (logits.detach().argmax(1) == y).sum()
+    if int(first_bad):
+        raise diverged(int(first_bad), "non-finite")
     seconds = time.perf_counter() - start
-    return {"loss": loss_sum / max(seen, 1), "train_acc": 100.0 * correct / max(seen, 1),
+    return {"loss": float(loss_sum) / max(seen, 1), "train_acc": 100.0 * int(correct) / max(seen, 1),
             "images_per_s": seen / seconds, "seconds": seconds, "lr": lr}
 
 

@@ -57,3 +57,29 @@ def test_rejects_bad_image_count():
 
     with pytest.raises(ConfigError, match="--images"):
         run_bench(load_config(None, SETS), images=0, workers=0)
+
+
+def test_variants_grid_times_every_variant_and_checks_the_grouped_net(capsys):
+    """``bench-train --variants`` (the GPU probe of issue 10) runs on the CPU too: baseline first, one row per
+    variant, and the grouped network's exactness check on the same device."""
+    import json as _json
+
+    from pipeline.cli import main
+
+    assert main(["bench-train", "--variants", "--config", "configs/smoke.toml", "--batches", "4",
+                 "--precisions", "fp32,bf16", "--impls", "members,grouped", "--channels-last", "false",
+                 "--steps", "1", "--warmup", "0"]) == 0
+    result = _json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    rows = result["rows"]
+    assert (rows[0]["batch"], rows[0]["precision"], rows[0]["impl"], rows[0]["vs_baseline"]) == (64, "fp32", "members", 1.0)
+    assert {(r["precision"], r["impl"]) for r in rows[1:]} == {(p, i) for p in ("fp32", "bf16") for i in ("members", "grouped")}
+    assert all(r["images_per_s"] > 0 for r in rows)
+    assert result["equivalence"]["max_abs_logits"] <= 1e-12 and result["equivalence"]["max_abs_stem_grad"] <= 1e-12
+
+
+def test_variants_bad_list_is_one_line(capsys):
+    from pipeline.cli import main
+
+    assert main(["bench-train", "--variants", "--config", "configs/smoke.toml", "--precisions", "fp8"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["pipeline: error: --precisions: expected a comma-separated list from fp32, bf16, got ['fp8']"]

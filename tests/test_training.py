@@ -79,3 +79,31 @@ def test_prune_stage_drives_every_sparsifier_through_one_protocol():
     train_epoch(model, split, optimizer, batch_size=32, attack=None, generator=torch.Generator().manual_seed(0),
                 augment=False, device="cpu", sparsifier=Recorder())
     assert calls == ["before_batch", "regularize", "pull 0.05"] * 2
+
+
+@pytest.mark.parametrize("precision,channels_last", [("fp32", True), ("bf16", False), ("bf16", True)])
+def test_precision_and_channels_last_train_like_the_default(precision, channels_last):
+    """bf16 autocast and NHWC tensors are speed options: one epoch from the same start lands near fp32/NCHW."""
+    from pipeline.algorithms.attacks import make_attack
+    from pipeline.data import Split
+    from pipeline.training import train_epoch
+
+    torch.manual_seed(0)
+    split = Split(torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 10, (64,)))
+    attack = make_attack("pgd", eps=8 / 255, step=4 / 255, steps=2)
+    init = models.create_model("test_resnet", ensemble=2, noise_coef=0.0).state_dict()
+    out = {}
+    for key in (("fp32", False), (precision, channels_last)):
+        model = models.create_model("test_resnet", ensemble=2, noise_coef=0.0)
+        model.load_state_dict(init)
+        if key[1]:
+            model = model.to(memory_format=torch.channels_last)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        stats = train_epoch(model, split, opt, batch_size=32, attack=attack, generator=torch.Generator().manual_seed(1),
+                            augment=True, device="cpu", precision=key[0], channels_last=key[1])
+        out[key] = (stats["loss"], torch.cat([p.detach().flatten() for p in model.parameters()]))
+        assert all(p.dtype == torch.float32 for p in model.parameters())   # autocast never changes the weights
+    (loss_a, w_a), (loss_b, w_b) = out.values()
+    tol = 1e-5 if precision == "fp32" else 5e-3   # NHWC only reorders sums; bf16 keeps ~3 significant digits
+    assert abs(loss_a - loss_b) <= tol * max(1.0, abs(loss_a))
+    assert (w_a - w_b).abs().max() <= (1e-5 if precision == "fp32" else 5e-3)

@@ -40,6 +40,8 @@ def run(ctx: StageContext) -> StageResult:
         return StageResult(outputs, {"method": "none", **sparsity_metrics(model, p.zero_tol)})
     train, val, _ = data_splits(cfg)
     val_eval = val.subset(cfg.train.val_subset, cfg.data.split_seed + 3)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     state = resume.load(ctx.resume_dir)
     if state is not None:   # weights first: a sparsifier may derive its state from them (ADMM's z)
         model.load_state_dict(state["model"])
@@ -60,7 +62,8 @@ def run(ctx: StageContext) -> StageResult:
         set_lr(optimizer, step_lr(epoch, base_lr=p.lr, epochs=p.epochs, milestones=p.lr_milestones, gamma=p.lr_gamma))
         stats = train_epoch(model, train, optimizer, batch_size=cfg.train.batch_size, attack=attack,
                             generator=generator, augment=cfg.train.augment, device=device, sparsifier=sparsifier,
-                            progress=f"prune {epoch + 1}/{p.epochs}")
+                            progress=f"prune {epoch + 1}/{p.epochs}", precision=cfg.train.precision,
+                            channels_last=cfg.train.channels_last)
         last = epoch == p.epochs - 1
         if last:
             before_final = sparsity_metrics(model, p.zero_tol)

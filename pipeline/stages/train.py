@@ -65,6 +65,8 @@ def run(ctx: StageContext) -> StageResult:
 
         model = to_grouped(model)   # same initial weights as the member list
         ctx.log(f"training the {cfg.model.ensemble} members as one grouped-convolution network")
+    if t.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     optimizer = None
     attack = training_attack(cfg)
     select_on = "val_robust" if validation_attack(cfg) is not None else "val_natural"
@@ -82,7 +84,8 @@ def run(ctx: StageContext) -> StageResult:
         optimizer = epoch_optimizer(optimizer, model, cfg, t.lr)
         set_lr(optimizer, step_lr(epoch, base_lr=t.lr, epochs=t.epochs, milestones=t.lr_milestones, gamma=t.lr_gamma))
         stats = train_epoch(model, train, optimizer, batch_size=t.batch_size, attack=attack, generator=generator,
-                            augment=t.augment, device=device, progress=f"train {epoch + 1}/{t.epochs}")
+                            augment=t.augment, device=device, progress=f"train {epoch + 1}/{t.epochs}",
+                            precision=t.precision, channels_last=t.channels_last)
         stats.update(validate(model, val_eval, cfg, device, generator))
         stats["epoch"] = epoch + 1
         log_lines.append(json.dumps(stats))

@@ -1,0 +1,121 @@
+"""``pipeline bench-train --variants``: images/s of the PGD adversarial training step for every variant in one
+run -- member list vs grouped convs, fp32 vs bf16 autocast, channels_last, batch sizes -- beside the baseline
+(members, fp32, the config's batch) measured in the same call, plus an exactness check of the grouped network.
+
+Synthetic uint8 images on the device (throughput does not depend on the pixels), so the script needs no data
+and can be carried to a GPU machine as is. One training step = the config's training attack (PGD-k) + forward,
+cross-entropy, backward, SGD step. Timed after ``warmup`` steps with the device synchronised.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+
+from models import create_model, noise_disabled
+
+from .config import ConfigError, RunConfig
+from .stages.common import model_kwargs, seed_everything
+from .stages.train import make_optimizer, training_attack
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def equivalence(cfg: RunConfig, device: torch.device) -> dict:
+    """max |Δ| of logits and of the stem's gradient, members vs grouped, float64, noise off, train mode."""
+    from models.grouped import to_grouped
+
+    torch.manual_seed(cfg.seed)
+    members = create_model(cfg.model.arch, **model_kwargs(cfg)).double().to(device).train()
+    grouped = to_grouped(members)
+    x = torch.rand(16, 3, 32, 32, dtype=torch.float64, device=device)
+    y = torch.randint(0, 10, (16,), device=device)
+    out = {}
+    with noise_disabled(members), noise_disabled(grouped):
+        lm, lg = members(x), grouped(x)
+        F.cross_entropy(lm, y).backward()
+        F.cross_entropy(lg, y).backward()
+    out["max_abs_logits"] = float((lm - lg).detach().abs().max())
+    stem = torch.cat([m.conv1.weight.grad for m in members.members])
+    out["max_abs_stem_grad"] = float((stem - grouped.conv1.weight.grad).abs().max())
+    return out
+
+
+def run_variants(cfg: RunConfig, *, device: torch.device, batches: list[int], precisions: list[str],
+                 impls: list[str], channels_last: list[bool], steps: int, warmup: int) -> dict:
+    for name, values, allowed in (("--precisions", precisions, ("fp32", "bf16")),
+                                  ("--impls", impls, ("members", "grouped"))):
+        if not values or any(v not in allowed for v in values):
+            raise ConfigError(f"{name}: expected a comma-separated list from {', '.join(allowed)}, got {values}")
+    if not batches or any(b <= 0 for b in batches):
+        raise ConfigError(f"--batches: expected positive batch sizes, got {batches}")
+    if steps <= 0 or warmup < 0:
+        raise ConfigError(f"--steps/--warmup: expected > 0 / >= 0, got {steps} / {warmup}")
+    from models.grouped import to_grouped
+
+    attack = training_attack(cfg)
+    seed_everything(cfg.seed)
+    variants = [(cfg.train.batch_size, "fp32", "members", False)]   # the baseline first
+    variants += [(b, p, i, c) for b in batches for p in precisions for i in impls for c in channels_last
+                 if (b, p, i, c) != variants[0]]
+    rows = []
+    for batch, precision, impl, cl in variants:
+        model = create_model(cfg.model.arch, **model_kwargs(cfg)).to(device)
+        if impl == "grouped":
+            model = to_grouped(model)
+        fmt = torch.channels_last if cl else torch.contiguous_format
+        model = model.to(memory_format=fmt)
+        optimizer = make_optimizer(model, cfg, cfg.train.lr)
+        x8 = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8, device=device)
+        y = torch.randint(0, 10, (batch,), device=device)
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" \
+            else contextlib.nullcontext()
+
+        def step():
+            x = (x8.float() / 255).contiguous(memory_format=fmt)
+            with autocast:
+                if attack is not None:
+                    x = attack(model, x, y, None)
+                loss = F.cross_entropy(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        model.train()
+        for _ in range(warmup):
+            step()
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        _sync(device)
+        seconds = time.perf_counter() - start
+        rows.append({"batch": batch, "precision": precision, "impl": impl, "channels_last": cl,
+                     "images_per_s": batch * steps / seconds})
+        print(f"batch {batch:5d} {precision} {impl:8s} channels_last={str(cl):5s} "
+              f"{rows[-1]['images_per_s']:10.1f} images/s", flush=True)
+    base = rows[0]["images_per_s"]
+    for r in rows:
+        r["vs_baseline"] = r["images_per_s"] / base
+    a = cfg.train.attack
+    result = {"model": cfg.model.arch, "ensemble": cfg.model.ensemble, "noise_coef": cfg.model.noise_coef,
+              "attack": a.kind if attack is not None else "none", "attack_steps": a.steps if a.kind == "pgd" else 1,
+              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "torch": torch.__version__, "threads": torch.get_num_threads(), "steps": steps, "warmup": warmup,
+              "equivalence": equivalence(cfg, device), "rows": rows}
+    print(f"\n{result['model']} En{result['ensemble']}, {result['attack']}-{result['attack_steps']}, "
+          f"{result['device']}, torch {result['torch']}; baseline = first row")
+    print("| batch | precision | impl | channels_last | images/s | vs baseline |\n|---:|---|---|---|---:|---:|")
+    for r in rows:
+        print(f"| {r['batch']} | {r['precision']} | {r['impl']} | {r['channels_last']} | {r['images_per_s']:.1f} "
+              f"| {r['vs_baseline']:.2f}x |")
+    print(f"grouped vs members (float64, noise off): max|Δlogits| {result['equivalence']['max_abs_logits']:.2e}, "
+          f"max|Δ stem grad| {result['equivalence']['max_abs_stem_grad']:.2e}")
+    print(json.dumps(result), flush=True)
+    return result
