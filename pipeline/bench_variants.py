@@ -17,14 +17,10 @@ import torch.nn.functional as F
 
 from models import create_model, noise_disabled
 
+from .bench_train import _sync
 from .config import ConfigError, RunConfig
 from .stages.common import model_kwargs, seed_everything
 from .stages.train import make_optimizer, training_attack
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def equivalence(cfg: RunConfig, device: torch.device) -> dict:

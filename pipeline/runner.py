@@ -205,10 +205,10 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
-def _install_dir(run_dir: Path, name: str, fill: Callable[[Path], None]) -> Path:
-    """Build ``run_dir/.name.tmp`` with ``fill`` and swap it in whole for ``run_dir/name``."""
+def _swap_in(run_dir: Path, name: str) -> Path:
+    """Replace ``run_dir/name`` by the finished ``run_dir/.name.tmp`` in whole, so a crash never leaves a
+    half-written stage folder behind."""
     final_dir, tmp_dir, old_dir = run_dir / name, run_dir / f".{name}.tmp", run_dir / f".{name}.old"
-    fill(tmp_dir)
     shutil.rmtree(old_dir, ignore_errors=True)
     if final_dir.exists():
         final_dir.rename(old_dir)
@@ -227,12 +227,10 @@ def _adopt(stage: Stage, key: str, run_dir: Path, manifest: dict, donors: tuple[
             continue
         if entry.get("status") != "done" or entry.get("key") != key or not _outputs_valid(Path(donor), entry):
             continue
-
-        def fill(tmp: Path, src=Path(donor) / stage.name):
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(src, tmp, copy_function=_link_or_copy)
-
-        _install_dir(run_dir, stage.name, fill)
+        tmp = run_dir / f".{stage.name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(Path(donor) / stage.name, tmp, copy_function=_link_or_copy)
+        _swap_in(run_dir, stage.name)
         manifest["stages"][stage.name] = {**{k: v for k, v in entry.items() if k not in ("last_failure", "stale_code")},
                                           "shared_from": str(Path(donor).resolve()), "shared_at": _now()}
         write_json(run_dir / MANIFEST, manifest)
@@ -304,13 +302,7 @@ def _run_locked(cfg: RunConfig, run_dir: Path, stages: list[Stage], *, log, afte
             write_json(run_dir / MANIFEST, manifest)
             raise
         shutil.rmtree(ctx.resume_dir, ignore_errors=True)   # finished: the mid-stage checkpoint is spent
-        # Swap the finished folder in whole, so a crash never leaves a half-written stage behind.
-        old_dir = run_dir / f".{stage.name}.old"
-        shutil.rmtree(old_dir, ignore_errors=True)
-        if final_dir.exists():
-            final_dir.rename(old_dir)
-        tmp_dir.rename(final_dir)
-        shutil.rmtree(old_dir, ignore_errors=True)
+        _swap_in(run_dir, stage.name)
         outputs = {}
         for name, path in result.outputs.items():
             rel = Path(path).relative_to(tmp_dir)
