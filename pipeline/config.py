@@ -171,6 +171,23 @@ class ExportConfig:
 
 
 @dataclass(frozen=True)
+class DeviceConfig:
+    """One ``[[bench.devices]]`` entry: where the ONNX artifacts are timed (pipeline/devices)."""
+    target: str = "host"        # "host" | "aarch64-emu" | "ssh://user@host[:port]"
+    name: str = ""              # label in the report; "" = derived from the target
+    qemu_cpu: str = "neoverse-n1"   # aarch64-emu: emulated CPU (cortex-a72 NEON, neoverse-n1 dotprod, max SVE2/SME)
+    root: str = ""              # aarch64-emu: the arm64 root; "" = $PIPELINE_ARM_ROOT, else ~/.cache/pipeline/aarch64-root
+    python: str = "python3"     # ssh: the remote interpreter (with numpy + onnxruntime)
+    # 0 / empty = bench.runs, bench.warmup, bench.batches, bench.threads, bench.optimizations
+    runs: int = 0
+    warmup: int = 0
+    batches: tuple[int, ...] = ()
+    threads: tuple[int, ...] = ()
+    optimizations: tuple[str, ...] = ()
+    timeout_s: float = 1800.0
+
+
+@dataclass(frozen=True)
 class BenchConfig:
     threads: tuple[int, ...] = (1, 0)     # onnxruntime intra-op threads to time; 0 = all cores
     batches: tuple[int, ...] = (1, 32)
@@ -181,6 +198,7 @@ class BenchConfig:
     # counts up to the SIMD block (8 or 16): pruned widths that are not multiples of it lose their speedup there.
     # Every level is timed and the best one per artifact is the headline (dense-best / pruned-best).
     optimizations: tuple[str, ...] = ("disable", "basic", "extended", "all")
+    devices: tuple[DeviceConfig, ...] = (DeviceConfig(),)
 
 
 @dataclass(frozen=True)
@@ -242,6 +260,11 @@ def _coerce(value, hint, where: str, source: str):
                           f"got {type(value).__name__} ({value!r})")
     if origin is tuple:
         (elem, _) = typing.get_args(hint)
+        if dataclasses.is_dataclass(elem):   # an array of tables, e.g. [[bench.devices]]
+            if not isinstance(value, (list, tuple)):
+                raise ConfigError(f"{source}: {where}: expected an array of tables, got {type(value).__name__} ({value!r})")
+            return tuple(v if isinstance(v, elem) else _build(elem, v, f"{where}[{i}].", source)
+                         for i, v in enumerate(value))
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{source}: {where}: expected a list of {_type_name(elem)}, got {type(value).__name__} ({value!r})")
         return tuple(_coerce(v, elem, f"{where}[{i}]", source) for i, v in enumerate(value))
@@ -361,6 +384,7 @@ def _validate(cfg: RunConfig, source: str, overridden: frozenset = frozenset()) 
         values = flat[key]
         if not values or any(v < minimum for v in values):
             fail(key, f"a non-empty list of integers >= {minimum}")
+    _validate_devices(cfg, "--set" if any(k.startswith("bench.devices") for k in overridden) else source, levels)
     for key in ("train.lr_milestones", "prune.lr_milestones"):
         ms = flat[key]
         if any(not 0 < m <= 1 for m in ms) or list(ms) != sorted(ms):
@@ -368,6 +392,40 @@ def _validate(cfg: RunConfig, source: str, overridden: frozenset = frozenset()) 
     from models import list_models
     if cfg.model.arch not in list_models():
         fail("model.arch", f"one of {', '.join(list_models())}")
+
+
+def _validate_devices(cfg: RunConfig, source: str, levels) -> None:
+    from .devices import device_name, kind_of
+    from .devices.ssh_target import parse_ssh_target
+
+    def fail(i: int, msg: str):
+        raise ConfigError(f"{source}: bench.devices[{i}]: {msg}")
+
+    if not cfg.bench.devices:
+        raise ConfigError(f'{source}: bench.devices: expected at least one device ([[bench.devices]] target = "host"), '
+                          f"got none")
+    seen = set()
+    for i, d in enumerate(cfg.bench.devices):
+        try:
+            if kind_of(d.target) == "ssh":
+                parse_ssh_target(d.target)
+        except ValueError as e:
+            fail(i, f"target: {e}")
+        for key, value in (("runs", d.runs), ("warmup", d.warmup)):
+            if value < 0:
+                fail(i, f"{key}: expected >= 0 (0 = bench.{key}), got {value}")
+        if any(b < 1 for b in d.batches):
+            fail(i, f"batches: expected integers >= 1, got {list(d.batches)}")
+        if any(t < 0 for t in d.threads):
+            fail(i, f"threads: expected integers >= 0 (0 = all cores), got {list(d.threads)}")
+        if any(o not in levels for o in d.optimizations):
+            fail(i, f"optimizations: expected names from {', '.join(levels)}, got {list(d.optimizations)}")
+        if not d.timeout_s > 0:
+            fail(i, f"timeout_s: expected > 0, got {d.timeout_s}")
+        name = device_name(d)
+        if name in seen:
+            fail(i, f"name: expected distinct device names, {name!r} appears twice (set name = ...)")
+        seen.add(name)
 
 
 def flatten(obj, prefix: str = "") -> dict:

@@ -1,0 +1,125 @@
+"""Self-contained onnxruntime benchmark that runs *on the device*: host, emulated aarch64 root, or a remote board.
+
+Only the standard library, numpy and onnxruntime are imported, so the file can be copied next to the artifacts and
+run by whatever python the device has:  ``python device_bench.py JOB.json RESULT.json``.
+
+JOB.json (paths relative to the job file's folder)::
+
+    {"models": {"dense": "dense.onnx", ...},            # name -> ONNX file
+     "inputs": "inputs.npy",                             # float32 [K,3,32,32] images in [0,1] for predictions
+     "predict_batch": 50,
+     "settings": [{"batch": 1, "threads": 1}, ...],      # timed settings; threads 0 = all cores
+     "levels": ["all"],                                  # graph optimisation levels timed per model
+     "warmup": 10, "runs": 50, "seed": 0}
+
+RESULT.json: ``runtime`` (onnxruntime version, provider, machine, CPU model, emulation flag), per-model ``logits``
+on the inputs (level ``all``, one thread, batch ``predict_batch``) and file size, and ``latency`` rows with
+p50/p90/p99/mean per (model, level, batch, threads). All (model, level) pairs of one setting are timed
+interleaved in this one process, so slow drift hits every artifact alike.
+"""
+import json
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+
+LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
+          "all": "ORT_ENABLE_ALL"}
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+    except OSError:
+        return platform.processor() or "unknown"
+    for line in text.splitlines():
+        key = line.split(":", 1)[0].strip().lower()
+        if key in ("model name", "hardware", "cpu model"):
+            return line.split(":", 1)[1].strip()
+    # aarch64 kernels list implementer/part numbers instead of a name
+    part = [ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.lower().startswith("cpu part")]
+    impl = [ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.lower().startswith("cpu implementer")]
+    if part:
+        return f"implementer {impl[0] if impl else '?'} part {part[0]}"
+    return platform.processor() or "unknown"
+
+
+def session(ort, path, threads, level):
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = int(threads)
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, LEVELS[level])
+    # spinning workers would steal the cores of the interleaved competitor
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(path, sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def percentiles(times_ns):
+    ms = np.asarray(times_ns, dtype=np.float64) / 1e6
+    p50, p90, p99 = np.percentile(ms, [50, 90, 99])
+    return {"p50_ms": float(p50), "p90_ms": float(p90), "p99_ms": float(p99), "mean_ms": float(ms.mean()),
+            "runs": int(len(ms))}
+
+
+def main(job_path, result_path):
+    import onnxruntime as ort
+
+    base = os.path.dirname(os.path.abspath(job_path))
+    with open(job_path) as f:
+        job = json.load(f)
+    models = {name: os.path.join(base, p) for name, p in job["models"].items()}
+    inputs = np.load(os.path.join(base, job["inputs"])).astype(np.float32)
+    cores = os.cpu_count() or 1
+    result = {
+        "runtime": {"onnxruntime": ort.__version__, "provider": "CPUExecutionProvider",
+                    "providers_available": list(ort.get_available_providers()),
+                    "python": platform.python_version(), "machine": platform.machine(), "cpu": cpu_model(),
+                    "cores": cores, "qemu_cpu": os.environ.get("QEMU_CPU") or None,
+                    "emulated": bool(os.environ.get("PIPELINE_EMULATED"))},
+        "models": {}, "latency": []}
+
+    batch = int(job.get("predict_batch", 50))
+    for name, path in models.items():
+        t0 = time.perf_counter()
+        s = session(ort, path, 1, "all")
+        load_s = time.perf_counter() - t0
+        feed = s.get_inputs()[0].name
+        logits = np.concatenate([s.run(None, {feed: inputs[i:i + batch]})[0] for i in range(0, len(inputs), batch)])
+        result["models"][name] = {"bytes": os.path.getsize(path), "session_s": load_s,
+                                  "logits": logits.astype(np.float64).round(6).tolist()}
+
+    rng = np.random.default_rng(int(job.get("seed", 0)))
+    warmup, runs = int(job["warmup"]), int(job["runs"])
+    for setting in job["settings"]:
+        b, threads = int(setting["batch"]), int(setting["threads"]) or cores
+        x = rng.random((b, *inputs.shape[1:]), dtype=np.float32)
+        pairs = [(name, level) for name in models for level in job["levels"]]
+        sess = {p: session(ort, models[p[0]], threads, p[1]) for p in pairs}
+        feeds = {p: {s.get_inputs()[0].name: x} for p, s in sess.items()}
+        for p, s in sess.items():
+            for _ in range(warmup):
+                s.run(None, feeds[p])
+        times = {p: [] for p in pairs}
+        for r in range(runs):
+            # alternate the order: cancels drift and first-in-round cache effects
+            for p in (pairs if r % 2 == 0 else pairs[::-1]):
+                t0 = time.perf_counter_ns()
+                sess[p].run(None, feeds[p])
+                times[p].append(time.perf_counter_ns() - t0)
+        for (name, level), ts in times.items():
+            result["latency"].append({"model": name, "graph_optimization": level, "batch": b, "threads": threads,
+                                      **percentiles(ts)})
+    tmp = result_path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f)
+    os.replace(tmp, result_path)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        sys.exit("usage: python device_bench.py JOB.json RESULT.json")
+    main(sys.argv[1], sys.argv[2])
