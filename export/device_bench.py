@@ -9,7 +9,7 @@ JOB.json (paths relative to the job file's folder)::
      "inputs": "inputs.npy",                             # float32 [K,3,32,32] images in [0,1] for predictions
      "predict_batch": 50,
      "settings": [{"batch": 1, "threads": 1}, ...],      # timed settings; threads 0 = all cores
-     "levels": ["all"],                                  # graph optimisation levels timed per model
+     "levels": ["all"],                                  # levels timed, or {model: [levels]} per model
      "warmup": 10, "runs": 50, "seed": 0}
 
 RESULT.json: ``runtime`` (onnxruntime version, provider, machine, CPU model, emulation flag), per-model ``logits``
@@ -97,7 +97,9 @@ def main(job_path, result_path):
     for setting in job["settings"]:
         b, threads = int(setting["batch"]), int(setting["threads"]) or cores
         x = rng.random((b, *inputs.shape[1:]), dtype=np.float32)
-        pairs = [(name, level) for name in models for level in job["levels"]]
+        levels = job["levels"]
+        pairs = [(name, level) for name in models
+                 for level in (levels[name] if isinstance(levels, dict) else levels)]
         sess = {p: session(ort, models[p[0]], threads, p[1]) for p in pairs}
         feeds = {p: {s.get_inputs()[0].name: x} for p, s in sess.items()}
         for p, s in sess.items():

@@ -1,4 +1,7 @@
-"""Export a (noise-free, eval-mode) model to a single checked, simplified ONNX file, atomically."""
+"""Export an eval-mode model to a single checked, simplified ONNX file, atomically -- noise-free (``noise="off"``)
+or with EnResNet's test-time noise in the graph (``"batch"``: std over the whole tensor, as trained;
+``"per_sample"``: std per image). A stochastic graph cannot be compared output for output, so its parity check is
+statistical: per-image mean and spread of the logits over repeated draws, torch vs onnxruntime."""
 from __future__ import annotations
 
 import contextlib
@@ -9,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from models import noise_disabled
+from models import noise_mode
 
 from .ort_runtime import float_initializer_count, ort_predict, ort_session
 
@@ -34,6 +37,12 @@ class ExportReport:
     nodes_after: int
     parity_max_abs_diff: float  # torch (noise off) vs ORT on the saved file
     params: int  # float elements in the ONNX initializers
+    noise: str = "off"
+    random_nodes: int = 0   # RandomNormal(Like) nodes in the saved graph
+    # stochastic graphs: worst per-logit |mean_ort - mean_torch| in units of its standard error, and the
+    # ratio of the logits' spread (ORT / torch) over the draws
+    parity_mean_z: float | None = None
+    parity_spread_ratio: float | None = None
 
 
 def _validated_metadata(metadata) -> dict[str, str]:
@@ -45,12 +54,12 @@ def _validated_metadata(metadata) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def _export_mode(model: torch.nn.Module):
+def _export_mode(model: torch.nn.Module, noise: str = "off"):
     # Per-module flags, not model.training: callers may keep e.g. some BatchNorm layers deliberately frozen.
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
-        with noise_disabled(model):
+        with noise_mode(model, noise):
             yield model
     finally:
         for m, training in modes:
@@ -126,9 +135,32 @@ def _simplify(proto):
     return simplified
 
 
+def _random_nodes(proto) -> list:
+    return [n for n in proto.graph.node if n.op_type in ("RandomNormal", "RandomNormalLike", "RandomUniform",
+                                                          "RandomUniformLike")]
+
+
+def stochastic_parity(model, session, inputs: torch.Tensor, draws: int, seed: int = 0) -> tuple[float, float]:
+    """Worst |mean difference| / standard error over every logit, and the ratio of mean spreads (ORT / torch),
+    from ``draws`` noisy passes of each on the same images (the model must be in its noise mode already)."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        t = np.stack([model(inputs).float().cpu().numpy() for _ in range(draws)])
+    x = inputs.cpu().numpy()
+    name = session.get_inputs()[0].name
+    o = np.stack([session.run(None, {name: x})[0] for _ in range(draws)])
+    se = np.sqrt(t.var(0, ddof=1) / draws + o.var(0, ddof=1) / draws) + 1e-6
+    z = float(np.max(np.abs(t.mean(0) - o.mean(0)) / se))
+    spread = float(o.std(0, ddof=1).mean() / max(t.std(0, ddof=1).mean(), 1e-12))
+    return z, spread
+
+
 def export_onnx(model: torch.nn.Module, path, *, opset: int = 18, dynamo: bool = True, simplify: bool = True,
                 metadata: dict[str, str] | None = None, parity_inputs: torch.Tensor | None = None,
-                parity_tol: float = 1e-4) -> ExportReport:
+                parity_tol: float = 1e-4, noise: str = "off", parity_draws: int = 200,
+                parity_max_z: float = 6.0) -> ExportReport:
+    """``noise != "off"``: the graph must hold one seedless random node per noise site, its logits' per-image
+    mean must agree with torch's within ``parity_max_z`` standard errors and their spread within a factor 1.5."""
     import onnx
 
     metadata = _validated_metadata(metadata)
@@ -143,9 +175,10 @@ def export_onnx(model: torch.nn.Module, path, *, opset: int = 18, dynamo: bool =
     # Same directory, so os.replace is a rename on one filesystem (atomic), never a copy.
     tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
     try:
-        with _export_mode(model), torch.no_grad():
+        with _export_mode(model, noise), torch.no_grad():
             _torch_export(model, example, tmp, opset=opset, dynamo=dynamo)
-            expected = model(parity_inputs.to(device)).float().cpu().numpy()
+            if noise == "off":
+                expected = model(parity_inputs.to(device)).float().cpu().numpy()
         proto = onnx.load(tmp)
         onnx.checker.check_model(proto, full_check=True)
         nodes_before = len(proto.graph.node)
@@ -157,11 +190,27 @@ def export_onnx(model: torch.nn.Module, path, *, opset: int = 18, dynamo: bool =
         onnx.helper.set_model_props(proto, metadata)
         onnx.save_model(proto, tmp, save_as_external_data=False)
 
-        got = ort_predict(ort_session(tmp, intra_op_threads=1, inter_op_threads=1, optimization="all"),
-                          parity_inputs.numpy(), batch_size=len(parity_inputs))
-        diff = float(np.max(np.abs(got - expected)))
-        if not diff <= parity_tol:  # `not <=` so that NaN fails too
-            raise ExportParityError(diff, parity_tol)
+        session = ort_session(tmp, intra_op_threads=1, inter_op_threads=1, optimization="all")
+        random_nodes = _random_nodes(proto)
+        z = spread = None
+        if noise == "off":
+            got = ort_predict(session, parity_inputs.numpy(), batch_size=len(parity_inputs))
+            diff = float(np.max(np.abs(got - expected)))
+            if not diff <= parity_tol:  # `not <=` so that NaN fails too
+                raise ExportParityError(diff, parity_tol)
+        else:
+            sites = sum(1 for m in model.modules() if getattr(m, "coef", 0.0) > 0 and hasattr(m, "per_sample"))
+            seeded = [n.name for n in random_nodes if any(a.name == "seed" for a in n.attribute)]
+            if len(random_nodes) != sites or seeded:
+                raise RuntimeError(f"stochastic export: {len(random_nodes)} random nodes for {sites} noise sites"
+                                   + (f", seeded (reproducible, so predictable): {seeded}" if seeded else ""))
+            with _export_mode(model, noise):
+                z, spread = stochastic_parity(model, session, parity_inputs.to(device), parity_draws)
+            diff = float("nan")
+            if not (z <= parity_max_z and 1 / 1.5 <= spread <= 1.5):
+                raise RuntimeError(f"stochastic export ({noise}): ORT vs torch logits differ in distribution: "
+                                   f"mean difference {z:.1f} standard errors (limit {parity_max_z}), spread "
+                                   f"ratio {spread:.2f} (limit 1/1.5..1.5)")
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -171,4 +220,5 @@ def export_onnx(model: torch.nn.Module, path, *, opset: int = 18, dynamo: bool =
     file_opset = max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=opset)
     return ExportReport(path=path, opset=file_opset, simplified=simplify, nodes_before=nodes_before,
                         nodes_after=len(proto.graph.node), parity_max_abs_diff=diff,
-                        params=float_initializer_count(proto))
+                        params=float_initializer_count(proto), noise=noise, random_nodes=len(random_nodes),
+                        parity_mean_z=z, parity_spread_ratio=spread)

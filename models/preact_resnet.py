@@ -28,19 +28,26 @@ class Normalize(nn.Module):
 class ResidualNoise(nn.Module):
     """``out + coef * std(out) * N(0, I)``: EnResNet's noise, on in train *and* eval mode.
 
-    ``std`` is taken over the whole tensor, as in the EnResNet reference code. ``enabled`` is a plain
-    attribute (not a buffer) so toggling it for attacks without noise or for export never touches weights.
+    ``std`` is taken over the whole tensor, as in the EnResNet reference code -- so one image's noise depends on
+    the other images of its batch. ``per_sample = True`` takes it over each image's own (C, H, W) instead (a
+    deployment variant: identical at batch 1, batch-independent otherwise). ``enabled`` and ``per_sample`` are
+    plain attributes (not buffers) so switching them for attacks or export never touches weights.
     """
 
     def __init__(self, coef: float):
         super().__init__()
         self.coef = float(coef)
         self.enabled = True
+        self.per_sample = False
 
     def forward(self, out):
         if self.coef == 0.0 or not self.enabled:
             return out
-        return out + self.coef * out.std() * torch.randn_like(out)
+        if self.per_sample:
+            std = out.flatten(1).std(dim=1).view(-1, *([1] * (out.dim() - 1)))
+        else:
+            std = out.std()
+        return out + self.coef * std * torch.randn_like(out)
 
     def extra_repr(self):
         return f"coef={self.coef}"
@@ -132,6 +139,31 @@ class noise_disabled:
     def __exit__(self, *exc):
         for m, enabled in self.saved:
             m.enabled = enabled
+        return False
+
+
+NOISE_MODES = ("off", "batch", "per_sample")
+
+
+class noise_mode:
+    """Context manager: run ``model`` with its test-time noise ``off``, as trained (``batch``: std over the whole
+    tensor) or ``per_sample`` (std per image). Restores every noise module's settings on exit."""
+
+    def __init__(self, model: nn.Module, mode: str):
+        if mode not in NOISE_MODES:
+            raise ValueError(f"noise mode must be one of {NOISE_MODES}, got {mode!r}")
+        self.model, self.mode, self.saved = model, mode, []
+
+    def __enter__(self):
+        mods = [m for m in self.model.modules() if isinstance(m, ResidualNoise)]
+        self.saved = [(m, m.enabled, m.per_sample) for m in mods]
+        for m in mods:
+            m.enabled, m.per_sample = self.mode != "off", self.mode == "per_sample"
+        return self.model
+
+    def __exit__(self, *exc):
+        for m, enabled, per_sample in self.saved:
+            m.enabled, m.per_sample = enabled, per_sample
         return False
 
 

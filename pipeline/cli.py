@@ -57,6 +57,15 @@ def _parser() -> argparse.ArgumentParser:
     tb.add_argument("--channels-last", default="false,true", help="--variants: false and/or true")
     tb.add_argument("--steps", type=int, default=20, help="--variants: timed steps per variant")
     tb.add_argument("--warmup", type=int, default=5, help="--variants: untimed steps first")
+    dv = sub.add_parser("device", help="set up or check a benchmark device (aarch64-emu: arm64 root under qemu)")
+    dvs = dv.add_subparsers(dest="device_command", required=True)
+    for name, text in (("setup", "build the arm64 root (debootstrap + aarch64 onnxruntime wheel; needs root, ~1 min)"),
+                       ("check", "run a tiny ONNX model on the host and on the emulated device; compare logits")):
+        d = dvs.add_parser(name, parents=[common], help=text)
+        d.add_argument("kind", choices=("aarch64-emu",), help="the device kind")
+        d.add_argument("--root", help="the arm64 root (default: $PIPELINE_ARM_ROOT, else ~/.cache/pipeline/aarch64-root)")
+        if name == "check":
+            d.add_argument("--qemu-cpu", default="neoverse-n1", help="emulated CPU: cortex-a72, cortex-a76, neoverse-n1, max")
     return p
 
 
@@ -87,6 +96,8 @@ def _main(argv: list[str] | None) -> int:
             return _eval(args)
         if args.command == "sweep":
             return _sweep(args)
+        if args.command == "device":
+            return _device(args)
         cfg = load_config(args.config, args.set)
         if args.command == "show-config":
             for k, v in flatten(cfg).items():
@@ -164,6 +175,27 @@ def _bench_variants(args, cfg) -> int:
                  precisions=items("--precisions", args.precisions, str), impls=items("--impls", args.impls, str),
                  channels_last=items("--channels-last", args.channels_last, flag), steps=args.steps,
                  warmup=args.warmup)
+    return 0
+
+
+def _device(args) -> int:
+    from .devices import aarch64_emu as emu
+
+    root = Path(args.root).expanduser().absolute() if args.root else emu.default_root()
+    if args.device_command == "setup":
+        facts = emu.setup(root, log=lambda m: print(m, flush=True))
+        for k, v in facts.items():
+            print(f"{k} = {v}")
+        return 0
+    res = emu.check(root, args.qemu_cpu, log=lambda m: print(m, flush=True))
+    rt = res["emu_runtime"]
+    print(f"{res['device']}: onnxruntime {rt['onnxruntime']} on {rt['machine']} ({rt['cpu']}), python {rt['python']}, "
+          f"{res['emu_seconds']}s; host onnxruntime {res['host_runtime']['onnxruntime']} on {res['host_runtime']['machine']}")
+    print(f"logits vs host: {res['images']} images, max abs diff {res['max_abs']:.3g}, mean {res['mean_abs']:.3g}, "
+          f"rel {res['rel']:.3g} (tolerance {res['rel_tol']:g}), top-1 agree {res['top1_agree']}/{res['images']}")
+    if not res["ok"]:
+        return _fail(f"device {res['device']}: logits differ from the host beyond the tolerance")
+    print("ok: the emulated device matches the host")
     return 0
 
 

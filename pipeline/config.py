@@ -140,6 +140,7 @@ class EvalConfig:
     apgd_steps: int = 100
     avg_passes: int = 8         # stochastic model: also score with the softmax averaged over this many passes
     noise_off_too: bool = True  # also evaluate with the test-time noise off (the function the ONNX graph computes)
+    per_sample_too: bool = True  # also evaluate with the noise scale computed per image (export's per_sample variant)
     sweep_eps_255: tuple[float, ...] = (0.0, 2.0, 4.0, 8.0)   # sanity: PGD accuracy must not rise with eps
     sweep_steps: int = 10
     sanity_slack_pt: float = 1.0  # least slack for comparisons of stochastic numbers (percentage points)
@@ -168,6 +169,21 @@ class ExportConfig:
     dynamo: bool = True
     simplify: bool = True
     parity_tol: float = 1e-4
+    # Deployable noise variants (pipeline/stages/export.py). "deterministic" (noise removed) is always written;
+    # "stochastic" keeps EnResNet's noise in the graph as trained (std over the whole batch tensor), "per_sample"
+    # computes each image's noise scale from that image alone. With model.noise_coef = 0 only "deterministic" is made.
+    noise_variants: tuple[str, ...] = ("deterministic", "stochastic", "per_sample")
+    parity_draws: int = 200     # noisy passes per side for the statistical torch-vs-ORT check of noisy graphs
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """Stage ``quantize``: onnxruntime static int8 quantisation (QDQ) of the deterministic dense and pruned graphs."""
+    enabled: bool = True
+    calibration_images: int = 256   # seeded training images (never test) for the activation ranges
+    per_channel: bool = True        # per-output-channel weight scales
+    method: str = "minmax"          # "minmax" | "entropy" | "percentile" (onnxruntime CalibrationMethod)
+    op_types: tuple[str, ...] = ("Conv", "Gemm", "MatMul", "Add")
 
 
 @dataclass(frozen=True)
@@ -178,6 +194,7 @@ class DeviceConfig:
     qemu_cpu: str = "neoverse-n1"   # aarch64-emu: emulated CPU (cortex-a72 NEON, neoverse-n1 dotprod, max SVE2/SME)
     root: str = ""              # aarch64-emu: the arm64 root; "" = $PIPELINE_ARM_ROOT, else ~/.cache/pipeline/aarch64-root
     python: str = "python3"     # ssh: the remote interpreter (with numpy + onnxruntime)
+    images: int = 0             # test images predicted on the device (agreement with host); 0 = all bench images
     # 0 / empty = bench.runs, bench.warmup, bench.batches, bench.threads, bench.optimizations
     runs: int = 0
     warmup: int = 0
@@ -214,6 +231,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     surgery: SurgeryConfig = field(default_factory=SurgeryConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     paper: PaperConfig = field(default_factory=PaperConfig)
 
@@ -231,6 +249,7 @@ CHOICES = {
     "prune.groups": ("paper", "coupled"),
     "prune.group_cost": ("macs", "weights"),
     "prune.init": ("finetune", "scratch"),
+    "quantize.method": ("minmax", "entropy", "percentile"),
 }
 NON_NEGATIVE = {"threads", "data.val_size", "data.train_subset", "data.test_subset", "train.attack.steps",
                 "train.val_attack_steps", "train.val_subset", "train.checkpoint_every", "train.weight_decay", "prune.lambda1",
@@ -240,7 +259,8 @@ NON_NEGATIVE = {"threads", "data.val_size", "data.train_subset", "data.test_subs
 POSITIVE = {"train.attack.step_255", "eval.step_255", "export.parity_tol", "prune.zero_tol", "surgery.tol",
             "model.ensemble", "train.epochs", "train.batch_size", "train.val_batch_size", "train.lr", "prune.epochs", "prune.lr",
             "prune.beta", "prune.tl1_a", "prune.rho", "eval.batch_size", "eval.eot_samples", "eval.pgd_restarts", "eval.apgd_steps", "eval.avg_passes",
-            "eval.paper_eps_01", "eval.paper_step_01", "eval.cw_lr", "eval.cw_c", "bench.runs", "export.opset"}
+            "eval.paper_eps_01", "eval.paper_step_01", "eval.cw_lr", "eval.cw_c", "bench.runs", "export.opset",
+            "export.parity_draws", "quantize.calibration_images"}
 
 
 def _type_name(t) -> str:
@@ -384,6 +404,12 @@ def _validate(cfg: RunConfig, source: str, overridden: frozenset = frozenset()) 
         values = flat[key]
         if not values or any(v < minimum for v in values):
             fail(key, f"a non-empty list of integers >= {minimum}")
+    variants = cfg.export.noise_variants
+    if "deterministic" not in variants or any(v not in ("deterministic", "stochastic", "per_sample") for v in variants) \
+            or len(set(variants)) != len(variants):
+        fail("export.noise_variants", 'distinct names from deterministic, stochastic, per_sample, with "deterministic"')
+    if not cfg.quantize.op_types or any(o not in ("Conv", "Gemm", "MatMul", "Add") for o in cfg.quantize.op_types):
+        fail("quantize.op_types", "a non-empty list from Conv, Gemm, MatMul, Add")
     _validate_devices(cfg, "--set" if any(k.startswith("bench.devices") for k in overridden) else source, levels)
     for key in ("train.lr_milestones", "prune.lr_milestones"):
         ms = flat[key]
@@ -404,6 +430,10 @@ def _validate_devices(cfg: RunConfig, source: str, levels) -> None:
     if not cfg.bench.devices:
         raise ConfigError(f'{source}: bench.devices: expected at least one device ([[bench.devices]] target = "host"), '
                           f"got none")
+    if not any(d.target == "host" for d in cfg.bench.devices):
+        raise ConfigError(f'{source}: bench.devices: expected a "host" device among them (the reference every other '
+                          f"device's predictions are compared with, and the headline speed-up), got "
+                          f"{[d.target for d in cfg.bench.devices]}")
     seen = set()
     for i, d in enumerate(cfg.bench.devices):
         try:
@@ -411,7 +441,7 @@ def _validate_devices(cfg: RunConfig, source: str, levels) -> None:
                 parse_ssh_target(d.target)
         except ValueError as e:
             fail(i, f"target: {e}")
-        for key, value in (("runs", d.runs), ("warmup", d.warmup)):
+        for key, value in (("runs", d.runs), ("warmup", d.warmup), ("images", d.images)):
             if value < 0:
                 fail(i, f"{key}: expected >= 0 (0 = bench.{key}), got {value}")
         if any(b < 1 for b in d.batches):

@@ -6,17 +6,20 @@ from pathlib import Path
 
 from .runio import atomic_write_bytes, atomic_write_text, write_json
 
-PLOTS = {"widths": "widths.png", "accuracy_latency": "accuracy_latency.png"}
+PLOTS = {"widths": "widths.png", "accuracy_latency": "accuracy_latency.png",
+         "latency_devices": "latency_devices.png", "pareto": "pareto.png"}
 
 
 def flat_accuracy(evaluated: dict) -> dict[str, float]:
     """eval-stage results of one model as report.json ``accuracy``: keys name the attack and its parameters;
-    ``_noise_off`` = test-time noise off, ``_avgK`` = softmax averaged over K stochastic passes."""
+    ``_noise_off`` = test-time noise off, ``_per_sample`` = noise scale per image, ``_avgK`` = softmax averaged over
+    K stochastic passes."""
     out = {}
     for mode, res in evaluated.items():
         if "natural" not in res:
             continue
-        suffix = "_noise_off" if mode == "noise_off" and "stochastic" in evaluated else ""
+        suffix = {"noise_off": "_noise_off" if "stochastic" in evaluated else "",
+                  "per_sample": "_per_sample"}.get(mode, "")
         out[f"natural{suffix}"] = res["natural"]
         for k, v in res.items():
             if k.startswith("natural_avg"):
@@ -82,6 +85,11 @@ def build_report(manifest: dict) -> dict:
         "speedup": speedup,
         "headline": headline,
         "profile": bench.get("profile", {}),
+        "latency": bench.get("latency_all", []),
+        "devices": bench.get("devices", {}),
+        "variants": variant_rows(st, ev, transfer, bench),
+        "noise_overhead": bench.get("noise_overhead", []),
+        "int8": bench.get("int8", []),
         "robustness": {"images": ev["images"], "modes": ev["modes"], "models": ev["models"],
                        "attacks": ev["attacks"], "seconds": ev["seconds"], "images_per_s": ev["images_per_s"],
                        "onnx_transfer": transfer["models"]},
@@ -92,7 +100,11 @@ def build_report(manifest: dict) -> dict:
                         "name the attack and its parameters; *_noise_off: EnResNet's test-time noise off; "
                         "*_avgK: softmax averaged over K noisy passes; cw_paper is the reference code's weak "
                         "C&W variant (perturbation rescaled by 0.031)",
-            "onnx": "the ONNX graphs are deterministic (noise off); onnx_accuracy compares them with torch",
+            "onnx": "dense.onnx / pruned.onnx are deterministic (noise off); onnx_accuracy compares them with torch. "
+                    "*_stochastic.onnx keep the noise as trained (std over the batch tensor), *_per_sample.onnx "
+                    "take each image's std alone, *_int8.onnx are static QDQ int8 of the deterministic graphs",
+            "devices": "latency rows carry device, emulated, runtime, provider, threads, batch, p50/p90/p99 ms; "
+                       "emulated rows (qemu-user) time the emulator, not ARM silicon, and are never a latency",
             "pruned_accuracy": "measured on the masked model before surgery (surgery is exact with noise off)",
             "latency": "every onnxruntime graph optimisation level is timed, interleaved; 'best' marks each "
                        "artifact's fastest level per batch/threads, and speed-up = dense-best / pruned-best. "
@@ -106,6 +118,34 @@ def build_report(manifest: dict) -> dict:
                         "weights (the paper's unstructured 'Sp.')",
         },
     }
+
+
+def variant_rows(st: dict, ev: dict, transfer: dict, bench: dict) -> list[dict]:
+    """One row per ONNX artifact: file, size, accuracy and robustness (white-box on its torch twin; onnxruntime on
+    the twin's examples; int8: by transfer from its float model), and host latency at batch 1 / 1 thread."""
+    out = []
+    host = next((d for d, v in bench.get("devices", {}).items() if v.get("kind") == "host" and "error" not in v), None)
+    for name, t in transfer["models"].items():
+        model, variant, twin = t.get("model", name), t.get("variant", "deterministic"), t.get("twin_mode", "noise_off")
+        stage = "quantize" if variant == "int8" else "export"
+        out_entry = st.get(stage, {}).get("outputs", {}).get(f"{name}_onnx", {})
+        row = {"artifact": name, "model": model, "variant": variant, "onnx": out_entry.get("path"),
+               "bytes": None, "natural_onnx": t["natural"], "twin_mode": twin}
+        if host:
+            a = bench["devices"][host]["artifacts"].get(name, {})
+            row["bytes"] = a.get("bytes")
+            lat = [r for r in bench.get("latency_all", []) if r["device"] == host and r["artifact"] == name
+                   and r["batch"] == 1 and r["threads"] == 1 and r["graph_optimization"] == "all"]
+            row["host_p50_ms_b1_t1"] = lat[0]["p50_ms"] if lat else None
+        res = ev["models"].get(model, {}).get(twin or "noise_off", {})
+        source = twin or "noise_off"   # int8: examples crafted on its float model, noise off
+        row["whitebox_mode"] = twin
+        row["whitebox_worst_case"] = res.get("worst_case") if twin else None
+        crafted = t["crafted_on"].get(source, {})
+        row["onnx_on_twin_examples"] = crafted
+        row["onnx_worst_attack"] = min(crafted.values()) if crafted else None
+        out.append(row)
+    return out
 
 
 def sanity_checks(models: list[dict], ev: dict, transfer: dict, num_classes: int = 10) -> list[dict]:
@@ -159,7 +199,8 @@ def _paper_tables(report: dict) -> list[str]:
     paper_cols = [("A1 natural", None), ("A2 FGSM", "fgsm"), ("A3 IFGSM", "ifgsm"), ("A4 C&W (paper variant, weak)",
                                                                                      "cw_paper")]
     strong_cols = [(k, k) for k in ("pgd", "eot_pgd", "apgd_ce", "apgd_dlr") if k in atk]
-    mode_label = {"stochastic": "noise on, 1 pass (paper)", "noise_off": "noise off (= ONNX)"}
+    mode_label = {"stochastic": "noise on, 1 pass (paper)", "noise_off": "noise off (= ONNX)",
+                  "per_sample": "noise on, std per image"}
     lines = ["", f"## Robustness: the paper's columns ({rob['images']} test images)", "",
              "Attack parameters: " + "; ".join(f"`{atk[k]['key']}`" for _, k in paper_cols if k in atk) + ".", "",
              "| model | mode | " + " | ".join(c for c, _ in paper_cols) + " |",
@@ -271,6 +312,7 @@ def render_markdown(report: dict) -> str:
         cell = lambda r: f"{r['p50_ms']:.3f} / {r['p90_ms']:.3f}{' *' if r.get('best') else ''}"  # noqa: E731
         lines.append(f"| {d['batch']} | {d['threads']} | {d['graph_optimization']} | {cell(d)} | {cell(p)} |")
 
+    lines += _device_sections(report)
     prof = report.get("profile")
     if prof:
         d, p = prof["dense"], prof["pruned"]
@@ -297,6 +339,90 @@ def render_markdown(report: dict) -> str:
               f"Accuracy on {dense['accuracy_images']} test images. "
               + " ".join(f"{k}: {v}." for k, v in report["notes"].items()), ""]
     return "\n".join(lines)
+
+
+def _device_sections(report: dict) -> list[str]:
+    """Variants (size, accuracy, robustness, host latency), latency per device, emulated runs, noise and int8."""
+    lines = []
+    if report.get("variants"):
+        lines += ["", "## Deployable variants", "",
+                  "Robust: white-box worst case of the torch twin (the function the artifact computes; EOT for noisy "
+                  "twins), and the worst attack's accuracy of onnxruntime on the twin's adversarial examples. int8 has "
+                  "no twin: its robust column is by transfer from its float model (noise off).", "",
+                  "| artifact | variant | size (kB) | natural, ORT (%) | robust: torch twin, worst case (%) | "
+                  "robust: ORT on twin's examples (%) | host p50 batch 1, 1 thread (ms) |",
+                  "|---|---|---:|---:|---:|---:|---:|"]
+        for v in report["variants"]:
+            kb = f"{v['bytes'] / 1e3:.0f}" if v.get("bytes") else "–"
+            lines.append(f"| {v['artifact']} | {v['variant']} | {kb} | {_fmt(v['natural_onnx'])} | "
+                         f"{_fmt(v.get('whitebox_worst_case'))} | {_fmt(v.get('onnx_worst_attack'))} | "
+                         f"{_fmt(v.get('host_p50_ms_b1_t1'))} |")
+    devices = report.get("devices", {})
+    if devices:
+        lines += ["", "## Devices", "", "| device | runtime | CPU | emulated | agreement with host (deterministic, "
+                  "int8) | status |", "|---|---|---|---|---|---|"]
+        for name, d in devices.items():
+            if "error" in d:
+                lines.append(f"| {name} | – | – | – | – | **failed**: {d['error']} |")
+                continue
+            rt = d["runtime"]
+            agree = ", ".join(f"{k} {a['agreement_with_host']:.1f}% of {a['images']}"
+                              for k, a in d["artifacts"].items() if "agreement_with_host" in a)
+            emu = f"yes (QEMU_CPU={rt.get('qemu_cpu')})" if d["emulated"] else "no"
+            lines.append(f"| {name} | onnxruntime {rt['onnxruntime']} ({rt['machine']}) | {rt['cpu']} | {emu} | "
+                         f"{agree} | ok |")
+    rows = report.get("latency", [])
+    real = [r for r in rows if not r["emulated"] and r["graph_optimization"] == "all"]
+    if real:
+        arts = list(dict.fromkeys(r["artifact"] for r in real))
+        settings = list(dict.fromkeys((r["device"], r["batch"], r["threads"]) for r in real))
+        lines += ["", "## Latency per device (onnxruntime level all; p50 / p99 ms)", "",
+                  "| device | batch | threads | " + " | ".join(arts) + " |", "|---|---:|---:|" + "---:|" * len(arts)]
+        for dev, batch, threads in settings:
+            cells = []
+            for a in arts:
+                r = next((r for r in real if (r["device"], r["batch"], r["threads"], r["artifact"]) ==
+                          (dev, batch, threads, a)), None)
+                cells.append(f"{r['p50_ms']:.3f} / {r['p99_ms']:.3f}" if r else "–")
+            lines.append(f"| {dev} | {batch} | {threads} | " + " | ".join(cells) + " |")
+        lines += ["", f"![latency per device and variant]({report['plots']['latency_devices']})", "",
+                  f"![accuracy vs latency, every artifact]({report['plots']['pareto']})"]
+    emu = [r for r in rows if r["emulated"]]
+    if emu:
+        lines += ["", "## Emulated runs: an instruction-cost proxy, NOT latency", "",
+                  "The real aarch64 onnxruntime build ran under qemu-user: it proves the artifacts load and compute the "
+                  "host's answers on ARM kernels. Its times measure the emulator (TCG cost follows executed "
+                  "instructions; ratios between models do not carry over to ARM silicon either).", "",
+                  "| device | artifact | batch | threads | emulated p50 (ms) |", "|---|---|---:|---:|---:|"]
+        lines += [f"| {r['device']} | {r['artifact']} | {r['batch']} | {r['threads']} | {r['p50_ms']:.1f} |"
+                  for r in emu if r["graph_optimization"] == "all"]
+    noise = [r for r in report.get("noise_overhead", []) if not r["emulated"]]
+    if noise:
+        lines += ["", "## Noise overhead (share of the noisy variant's p50 spent on the noise, level all)", "",
+                  "| device | model | variant | batch | threads | deterministic (ms) | noisy (ms) | noise share |",
+                  "|---|---|---|---:|---:|---:|---:|---:|"]
+        lines += [f"| {r['device']} | {r['model']} | {r['variant']} | {r['batch']} | {r['threads']} | "
+                  f"{r['deterministic_p50_ms']:.3f} | {r['noisy_p50_ms']:.3f} | {100 * r['noise_share']:.0f}% |"
+                  for r in noise]
+    i8 = [r for r in report.get("int8", []) if not r["emulated"]]
+    if i8:
+        lines += ["", "## int8 vs float (same device, level all)", "",
+                  "| device | model | batch | threads | float (ms) | int8 (ms) | latency ratio | size ratio | "
+                  "accuracy change (pt) |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [f"| {r['device']} | {r['model']} | {r['batch']} | {r['threads']} | {r['float_p50_ms']:.3f} | "
+                  f"{r['int8_p50_ms']:.3f} | {r['latency_ratio']:.2f} | {r['size_ratio']:.2f} | "
+                  f"{r['accuracy_change_pt']:+.2f} |" for r in i8]
+    return lines
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats in both latency (lower) and accuracy (higher)."""
+    keep = []
+    for i, (lat, acc) in enumerate(points):
+        if not any((l2 <= lat and a2 >= acc) and (l2 < lat or a2 > acc) for j, (l2, a2) in enumerate(points)
+                   if j != i):
+            keep.append(i)
+    return sorted(keep, key=lambda i: points[i][0])
 
 
 def _png(fig) -> bytes:
@@ -342,7 +468,54 @@ def render_plots(report: dict) -> dict[str, bytes]:
     ax.legend(fontsize=8)
     scatter = _png(fig)
     plt.close(fig)
-    return {PLOTS["widths"]: widths, PLOTS["accuracy_latency"]: scatter}
+    out = {PLOTS["widths"]: widths, PLOTS["accuracy_latency"]: scatter}
+    out.update(_device_plots(report, plt))
+    return out
+
+
+def _device_plots(report: dict, plt) -> dict[str, bytes]:
+    rows = [r for r in report.get("latency", []) if r["graph_optimization"] == "all" and r["batch"] == 1
+            and r["threads"] == 1]
+    if not rows:
+        return {}
+    devices = list(dict.fromkeys(r["device"] for r in rows))
+    arts = list(dict.fromkeys(r["artifact"] for r in rows))
+    fig, axes = plt.subplots(1, len(devices), figsize=(4.2 * len(devices), 3.8), squeeze=False)
+    for ax, dev in zip(axes[0], devices):
+        vals = [next((r["p50_ms"] for r in rows if r["device"] == dev and r["artifact"] == a), 0.0) for a in arts]
+        emulated = any(r["emulated"] for r in rows if r["device"] == dev)
+        ax.barh(arts, vals, color="#c05621" if emulated else "#2b6cb0")
+        ax.set_xlabel("emulated p50 (ms): NOT a latency" if emulated else "p50 latency (ms)")
+        ax.set_title(f"{dev}, batch 1, 1 thread", fontsize=9)
+        ax.invert_yaxis()
+    latency_devices = _png(fig)
+    plt.close(fig)
+
+    host = [r for r in rows if not r["emulated"] and report["devices"].get(r["device"], {}).get("kind") == "host"]
+    pts, labels = [], []
+    for v in report.get("variants", []):
+        lat = next((r["p50_ms"] for r in host if r["artifact"] == v["artifact"]), None)
+        if lat is None:
+            continue
+        for kind, acc in (("natural", v["natural_onnx"]), ("robust", v.get("onnx_worst_attack"))):
+            if acc is not None:
+                pts.append((lat, acc))
+                labels.append((v["artifact"], kind))
+    fig, ax = plt.subplots(figsize=(6.0, 4.2))
+    for kind, marker, color in (("natural", "o", "#9aa8b8"), ("robust", "^", "#2b6cb0")):
+        idx = [i for i, (_, k) in enumerate(labels) if k == kind]
+        ax.scatter([pts[i][0] for i in idx], [pts[i][1] for i in idx], marker=marker, color=color, label=kind)
+        for i in idx:
+            ax.annotate(labels[i][0], pts[i], textcoords="offset points", xytext=(4, 2), fontsize=7)
+        front = pareto_front([pts[i] for i in idx])
+        ax.plot([pts[idx[j]][0] for j in front], [pts[idx[j]][1] for j in front], color=color, lw=1, ls="--")
+    ax.set_xlabel("host p50 latency, batch 1, 1 thread, ORT level all (ms)")
+    ax.set_ylabel("accuracy (%): natural, and robust (worst attack on the twin's examples)")
+    ax.set_title(f"{report['run']}: accuracy vs latency (dashed: Pareto front)", fontsize=9)
+    ax.legend(fontsize=8)
+    pareto = _png(fig)
+    plt.close(fig)
+    return {PLOTS["latency_devices"]: latency_devices, PLOTS["pareto"]: pareto}
 
 
 def write_report(run_dir: Path, manifest: dict) -> dict:

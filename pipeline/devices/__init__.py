@@ -46,7 +46,7 @@ def device_name(dev) -> str:
 
 
 def write_job(job_dir: Path, models: dict[str, Path], inputs: np.ndarray, *, settings: list[dict],
-              levels: list[str], warmup: int, runs: int, seed: int, predict_batch: int = 50) -> Path:
+              levels: list[str] | dict[str, list[str]], warmup: int, runs: int, seed: int, predict_batch: int = 50) -> Path:
     """A self-contained job folder: artifacts (hard links when possible), inputs.npy, job.json, the script."""
     job_dir.mkdir(parents=True, exist_ok=True)
     names = {}

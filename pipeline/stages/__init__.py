@@ -1,4 +1,4 @@
 """The stages, in order. Each module defines ``STAGE``."""
-from . import bench, evaluate, export, prune, surgery, train, transfer
+from . import bench, evaluate, export, prune, quantize, surgery, train, transfer
 
-STAGES = [train.STAGE, prune.STAGE, surgery.STAGE, evaluate.STAGE, export.STAGE, transfer.STAGE, bench.STAGE]
+STAGES = [train.STAGE, prune.STAGE, surgery.STAGE, evaluate.STAGE, export.STAGE, quantize.STAGE, transfer.STAGE, bench.STAGE]

@@ -6,14 +6,13 @@ adversarial examples crafted on the deployed models (dense, pruned) are saved so
 score the ONNX files on them after export."""
 from __future__ import annotations
 
-import contextlib
 import io
 import time
 
 import numpy as np
 import torch
 
-from models import noise_disabled
+from models import noise_mode
 
 from ..data import to_float
 from ..robustness import attack_specs, evaluate_model, sanity_checks
@@ -23,6 +22,8 @@ from .common import data_splits
 
 SOURCES = {"dense": "train", "masked": "prune", "pruned": "surgery"}
 DEPLOYED = ("dense", "pruned")   # the models export turns into ONNX files
+# eval mode -> the model's noise setting (models.noise_mode); "per_sample" matches export's per_sample variant
+NOISE_OF_MODE = {"stochastic": "batch", "noise_off": "off", "per_sample": "per_sample"}
 
 
 def eval_images(cfg):
@@ -44,22 +45,25 @@ def run(ctx: StageContext) -> StageResult:
     images, labels, _ = eval_images(cfg)
     specs = attack_specs(e)
     noisy = cfg.model.noise_coef > 0
-    modes = (["stochastic"] if noisy else []) + (["noise_off"] if (not noisy or e.noise_off_too) else [])
+    modes = (["stochastic"] if noisy else []) + (["noise_off"] if (not noisy or e.noise_off_too) else []) \
+        + (["per_sample"] if noisy and e.per_sample_too else [])
     ctx.log(f"{len(images)} test images, models {list(e.models)}, modes {modes}, attacks {list(specs)}")
     results, outputs, t_all = {}, {}, time.perf_counter()
     for name in e.models:
         model = load_model(ctx.inputs[SOURCES[name]]["model_weights"], ctx.inputs[SOURCES[name]]["model_arch"])
         results[name] = {}
         for mode in modes:
+            if name not in DEPLOYED and mode == "per_sample":
+                continue   # a deployment variant: evaluated on the deployed models only
             if name == "masked" and mode == "noise_off" and "pruned" in e.models:
                 # surgery is exact with the noise off (its max |dlogits| is recorded), so this row equals pruned's
                 results[name][mode] = {"same_as": "pruned"}
                 continue
-            stochastic = mode == "stochastic"
+            stochastic = mode != "noise_off"
             ctx.log(f"{name}, {mode}")
             t0 = time.perf_counter()
             keep = list(specs) if name in DEPLOYED else []
-            with noise_disabled(model) if not stochastic else contextlib.nullcontext():
+            with noise_mode(model, NOISE_OF_MODE[mode]):
                 res, kept = evaluate_model(model, images, labels, specs, stochastic=stochastic,
                                            batch_size=e.batch_size, avg_passes=e.avg_passes,
                                            sweep_eps_255=e.sweep_eps_255, sweep_steps=e.sweep_steps,

@@ -1,22 +1,42 @@
-"""Stage ``export``: ONNX for the dense (train) and the pruned (surgery) model, checked and simplified."""
+"""Stage ``export``: ONNX for the dense (train) and the pruned (surgery) model, checked and simplified -- one file
+per deployable noise variant (``export.noise_variants``):
+
+- ``deterministic`` (``dense.onnx``, ``pruned.onnx``): EnResNet's test-time noise removed;
+- ``stochastic`` (``<model>_stochastic.onnx``): the noise in the graph as trained -- ``0.1·std·N(0, I)`` after each
+  residual sum, std over the whole tensor, so an image's prediction depends on the rest of its batch;
+- ``per_sample`` (``<model>_per_sample.onnx``): the same noise with each image's std taken over that image alone.
+Noisy graphs are checked statistically against torch (export/onnx_export.py)."""
 from __future__ import annotations
 
 import json
 
 import torch
 
+from models import ResidualNoise
+
 from ..data import CLASSES
 from ..runio import load_model
 from ..runner import Stage, StageContext, StageResult
 
+NOISE_OF_VARIANT = {"deterministic": "off", "stochastic": "batch", "per_sample": "per_sample"}
+SUFFIX = {"deterministic": "", "stochastic": "_stochastic", "per_sample": "_per_sample"}
 
-def _metadata(cfg, variant: str, sparsity: dict) -> dict[str, str]:
+
+def artifact_name(model: str, variant: str) -> str:
+    """``dense``, ``pruned_stochastic``, ``dense_int8`` ...: the file stem and the key of ``<name>_onnx``."""
+    return model + (SUFFIX[variant] if variant in SUFFIX else f"_{variant}")
+
+
+def _metadata(cfg, model_name: str, variant: str, sparsity: dict, noise_coef: float) -> dict[str, str]:
+    noise = {"deterministic": "none: EnResNet's test-time noise is not part of this graph",
+             "stochastic": f"{noise_coef}*std(out)*N(0,I) after every residual sum, std over the whole batch tensor",
+             "per_sample": f"{noise_coef}*std(out)*N(0,I) after every residual sum, std over each image"}[variant]
     return {
-        "variant": variant,
+        "variant": model_name, "noise_variant": variant,
         "arch": cfg.model.arch, "ensemble": str(cfg.model.ensemble),
         "noise_coef_trained": str(cfg.model.noise_coef),
-        # The graph is deterministic: EnResNet's test-time noise is not part of the exported function.
-        "noise_in_graph": "false",
+        "noise_in_graph": "false" if variant == "deterministic" else "true",
+        "noise": noise,
         "input": "image: float32 [N,3,32,32], RGB, values in [0,1] (normalisation is inside the graph)",
         "output": "logits: float32 [N,10]",
         "labels": json.dumps(list(CLASSES)),
@@ -33,19 +53,34 @@ def run(ctx: StageContext) -> StageResult:
     cfg, e = ctx.cfg, ctx.cfg.export
     parity = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(cfg.seed))
     outputs, metrics = {}, {}
-    for variant, stage in (("dense", "train"), ("pruned", "surgery")):
+    for model_name, stage in (("dense", "train"), ("pruned", "surgery")):
         model = load_model(ctx.inputs[stage]["model_weights"], ctx.inputs[stage]["model_arch"]).eval()
-        sparsity_src = ctx.metrics_of[stage]
-        path = ctx.out_dir / f"{variant}.onnx"
-        rep = export_onnx(model, path, opset=e.opset, dynamo=e.dynamo, simplify=e.simplify,
-                          metadata=_metadata(cfg, variant, sparsity_src), parity_inputs=parity,
-                          parity_tol=e.parity_tol)
-        outputs[f"{variant}_onnx"] = path
-        metrics[variant] = {"opset": rep.opset, "simplified": rep.simplified, "nodes_before": rep.nodes_before,
-                            "nodes_after": rep.nodes_after, "parity_max_abs_diff": rep.parity_max_abs_diff,
-                            "onnx_params": rep.params, "onnx_macs": onnx_macs(path)}
-        ctx.log(f"{variant}: {path.name} nodes {rep.nodes_before}->{rep.nodes_after}, "
-                f"torch-vs-ORT max|d| {rep.parity_max_abs_diff:.2e}")
+        coef = max((m.coef for m in model.modules() if isinstance(m, ResidualNoise)), default=0.0)
+        for variant in e.noise_variants:
+            name = artifact_name(model_name, variant)
+            if variant != "deterministic" and coef == 0:
+                ctx.log(f"{name}: skipped, the model has no test-time noise (noise_coef 0)")
+                continue
+            path = ctx.out_dir / f"{name}.onnx"
+            rep = export_onnx(model, path, opset=e.opset, dynamo=e.dynamo, simplify=e.simplify,
+                              metadata=_metadata(cfg, model_name, variant, ctx.metrics_of[stage], coef),
+                              parity_inputs=parity, parity_tol=e.parity_tol, noise=NOISE_OF_VARIANT[variant],
+                              parity_draws=e.parity_draws)
+            outputs[f"{name}_onnx"] = path
+            m = {"model": model_name, "noise_variant": variant, "opset": rep.opset, "simplified": rep.simplified,
+                 "nodes_before": rep.nodes_before, "nodes_after": rep.nodes_after,
+                 "parity_max_abs_diff": rep.parity_max_abs_diff, "onnx_params": rep.params,
+                 "onnx_macs": onnx_macs(path), "bytes": path.stat().st_size, "random_nodes": rep.random_nodes}
+            if variant != "deterministic":
+                m.update(parity_mean_z=rep.parity_mean_z, parity_spread_ratio=rep.parity_spread_ratio,
+                         parity_draws=e.parity_draws)
+                ctx.log(f"{name}: {path.name} nodes {rep.nodes_before}->{rep.nodes_after}, {rep.random_nodes} "
+                        f"random nodes; torch-vs-ORT over {e.parity_draws} draws: mean within "
+                        f"{rep.parity_mean_z:.1f} SE, spread ratio {rep.parity_spread_ratio:.2f}")
+            else:
+                ctx.log(f"{name}: {path.name} nodes {rep.nodes_before}->{rep.nodes_after}, "
+                        f"torch-vs-ORT max|d| {rep.parity_max_abs_diff:.2e}")
+            metrics[name] = m
     return StageResult(outputs, metrics)
 
 

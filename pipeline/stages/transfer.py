@@ -1,7 +1,10 @@
-"""Stage ``transfer``: the exported ONNX files scored by onnxruntime on the adversarial examples that the eval
-stage crafted on the torch models (noise off: the same function, so this is a parity check of the robust
-numbers; noise on: a transfer attack from the stochastic model). White-box numbers of the deployed function are
-the noise-off rows of ``eval``; an ONNX transfer number below them (beyond the slack) is a sanity failure."""
+"""Stage ``transfer``: every ONNX artifact (each noise variant, and int8) scored by onnxruntime on the adversarial
+examples that the eval stage crafted on the torch models, one row per (artifact, mode the examples were crafted
+in). An artifact's *twin* mode is the torch function it computes -- deterministic: noise_off, stochastic:
+stochastic, per_sample: per_sample; int8 has none, so its rows are robustness by transfer from its float model.
+Deterministic artifacts on their twin's examples must match torch (float rounding at the boundary only); an
+artifact scored on examples from another mode is a transfer attack and must not beat white-box noise-off by more
+than the slack."""
 from __future__ import annotations
 
 import numpy as np
@@ -9,6 +12,26 @@ import torch
 
 from ..runner import Stage, StageContext, StageResult
 from .evaluate import DEPLOYED, eval_images
+
+TWIN = {"deterministic": "noise_off", "stochastic": "stochastic", "per_sample": "per_sample", "int8": None}
+
+
+def artifacts(ctx: StageContext) -> dict[str, tuple[str, str]]:
+    """``<name>`` -> (model, variant) for every ONNX file the export and quantize stages wrote."""
+    from .export import artifact_name
+
+    out = {}
+    for model in DEPLOYED:
+        for variant in TWIN:
+            name = artifact_name(model, variant)
+            if f"{name}_onnx" in ctx.inputs["export"] or f"{name}_onnx" in ctx.inputs.get("quantize", {}):
+                out[name] = (model, variant)
+    return out
+
+
+def artifact_path(ctx: StageContext, name: str):
+    key = f"{name}_onnx"
+    return ctx.inputs["export"].get(key) or ctx.inputs["quantize"][key]
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -19,16 +42,18 @@ def run(ctx: StageContext) -> StageResult:
     y = labels.numpy()
     evaluated = ctx.metrics_of["eval"]["models"]
     results = {}
-    for name in DEPLOYED:
-        if name not in evaluated:
+    for name, (model, variant) in artifacts(ctx).items():
+        if model not in evaluated:
             continue
-        session = ort_session(ctx.inputs["export"][f"{name}_onnx"], intra_op_threads=0)
+        session = ort_session(artifact_path(ctx, name), intra_op_threads=0)
         clean_ok = ort_predict(session, images, e.batch_size).argmax(1) == y
-        rows = {"natural": 100.0 * float(clean_ok.mean()), "crafted_on": {}}
-        whitebox = evaluated[name].get("noise_off", {}).get("attacks", {})
+        twin = TWIN[variant]
+        rows = {"model": model, "variant": variant, "twin_mode": twin,
+                "natural": 100.0 * float(clean_ok.mean()), "crafted_on": {}}
+        whitebox = evaluated[model].get("noise_off", {}).get("attacks", {})
         sanity = []
         for mode in ctx.metrics_of["eval"]["modes"]:
-            key = f"adv_{name}_{mode}"
+            key = f"adv_{model}_{mode}"
             if key not in ctx.inputs["eval"]:
                 continue
             with np.load(ctx.inputs["eval"][key]) as deltas:
@@ -37,17 +62,19 @@ def run(ctx: StageContext) -> StageResult:
                     x_adv = (images + torch.from_numpy(deltas[attack].astype(np.float32))).clamp(0, 1)
                     ok = clean_ok & (ort_predict(session, x_adv, e.batch_size).argmax(1) == y)
                     accs[attack] = 100.0 * float(ok.mean())
-                    if attack in whitebox:
-                        wb = whitebox[attack]["accuracy"]
-                        if mode == "noise_off":   # same function: equal up to float rounding at the boundary
-                            sanity.append({"check": f"onnx_{attack}_matches_torch_noise_off",
-                                           "ok": abs(accs[attack] - wb) <= e.sanity_slack_pt,
-                                           "detail": f"ONNX {accs[attack]:.2f}% vs torch {wb:.2f}%"})
-                        else:
-                            sanity.append({"check": f"onnx_{attack}_transfer_not_below_whitebox",
-                                           "ok": accs[attack] >= wb - e.sanity_slack_pt,
-                                           "detail": f"ONNX on examples from the stochastic model "
-                                                     f"{accs[attack]:.2f}% vs white-box noise off {wb:.2f}%"})
+                    if attack not in whitebox or variant not in ("deterministic", "int8"):
+                        continue
+                    wb = whitebox[attack]["accuracy"]
+                    if variant == "deterministic" and mode == "noise_off":
+                        # same function: equal up to float rounding at the boundary
+                        sanity.append({"check": f"onnx_{attack}_matches_torch_noise_off",
+                                       "ok": abs(accs[attack] - wb) <= e.sanity_slack_pt,
+                                       "detail": f"ONNX {accs[attack]:.2f}% vs torch {wb:.2f}%"})
+                    elif variant == "deterministic":
+                        sanity.append({"check": f"onnx_{attack}_transfer_not_below_whitebox",
+                                       "ok": accs[attack] >= wb - e.sanity_slack_pt,
+                                       "detail": f"ONNX on examples from the {mode} model "
+                                                 f"{accs[attack]:.2f}% vs white-box noise off {wb:.2f}%"})
             rows["crafted_on"][mode] = accs
             ctx.log(f"{name}.onnx on examples crafted on torch ({mode}): "
                     + ", ".join(f"{k} {v:.2f}%" for k, v in accs.items()))
@@ -56,4 +83,4 @@ def run(ctx: StageContext) -> StageResult:
     return StageResult({}, {"images": len(images), "models": results})
 
 
-STAGE = Stage("transfer", sections=("seed", "data", "eval"), inputs=("eval", "export"), run=run)
+STAGE = Stage("transfer", sections=("seed", "data", "eval"), inputs=("eval", "export", "quantize"), run=run)
