@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -23,6 +24,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="take finished stages with the same key from this run folder instead of recomputing "
                           "them (e.g. a paper config's train stage from its dense-baseline run); repeatable")
     run.add_argument("--until", metavar="STAGE", help="stop after this stage (e.g. train); no report is written")
+    run.add_argument("--bench-device", action="append", default=[], metavar="TARGET",
+                     help="bench on this device too (repeatable): aarch64-emu, ssh://user@host[:port]; replaces "
+                          "bench.devices by host + these (per-device settings: [[bench.devices]] in the config)")
     ev = sub.add_parser("eval", parents=[common],
                         help="re-evaluate a finished run's models (eval + transfer stages; never retrains)")
     ev.add_argument("--run", required=True, help="run directory written by 'pipeline run'")
@@ -98,7 +102,11 @@ def _main(argv: list[str] | None) -> int:
             return _sweep(args)
         if args.command == "device":
             return _device(args)
-        cfg = load_config(args.config, args.set)
+        overrides = list(args.set)
+        if getattr(args, "bench_device", None):
+            targets = ["host"] + [t for t in args.bench_device if t != "host"]
+            overrides.append("bench.devices=[" + ", ".join('{target = %s}' % json.dumps(t) for t in targets) + "]")
+        cfg = load_config(args.config, overrides)
         if args.command == "show-config":
             for k, v in flatten(cfg).items():
                 print(f"{k} = {v!r}")
@@ -130,8 +138,9 @@ def _main(argv: list[str] | None) -> int:
         if args.until:
             print(f"stopped after stage {args.until} in {time.perf_counter() - t0:.1f}s: {out}", flush=True)
             return 0
-        write_report(out, manifest)
+        report = write_report(out, manifest)
         print(f"done in {time.perf_counter() - t0:.1f}s: {out / 'report.md'}", flush=True)
+        _warn_failed_devices(report)
         return 0
     except UserError as e:
         return _fail(str(e))
@@ -245,9 +254,18 @@ def _eval(args) -> int:
                         "(pipeline eval never retrains)")
     t0 = time.perf_counter()
     manifest = run_pipeline(cfg, run_dir, STAGES, log=lambda m: print(m, flush=True), reuse_stale=args.reuse_stale)
-    write_report(run_dir, manifest)
+    report = write_report(run_dir, manifest)
     print(f"done in {time.perf_counter() - t0:.1f}s: {run_dir / 'report.md'}", flush=True)
+    _warn_failed_devices(report)
     return 0
+
+
+def _warn_failed_devices(report: dict) -> None:
+    """The run is complete but these devices' rows are missing (report.md "Devices"); the next run retries them."""
+    for name, d in report.get("devices", {}).items():
+        if "error" in d:
+            print(f"warning: device {name} gave no results (the next run retries it): {d['error']}",
+                  file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

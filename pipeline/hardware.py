@@ -4,9 +4,11 @@ onnxruntime's CPU provider (MLAS) rewrites convolutions into the NCHWc layout at
 ``all``, padding every channel count up to the block size of its kernels:
 - x86-64 with AVX-512F: 16 (MLAS ``NchwcBlockSize`` for the AVX-512 kernels);
 - other x86-64 (AVX2/FMA3, SSE): 8;
-- aarch64: 16 -- ``MLAS_NEON_NCHWC_BLOCK_SIZE`` in ``mlasi.h``, used when onnxruntime is built with
-  ``onnxruntime_USE_ARM_NEON_NCHWC=ON``. Builds without it run NCHW im2col + SGEMM and pad nothing; 16 is
-  still a multiple of the 4-float NEON vector there, so aligning to it costs pruning granularity, never speed.
+- aarch64: 1 -- measured on the PyPI aarch64 wheel (onnxruntime 1.32.0, run under qemu-user on cortex-a72,
+  neoverse-n1 and max; ``pipeline device check``): the optimised graph at level ``all`` holds plain ``Conv`` and
+  ``com.microsoft:FusedConv`` nodes (NCHW im2col + MLAS SGEMM) and no ``com.microsoft.nchwc`` op, so nothing is
+  padded and every channel removed counts. (Source builds with ``onnxruntime_USE_ARM_NEON_NCHWC=ON`` do use a
+  16-channel block, ``MLAS_NEON_NCHWC_BLOCK_SIZE``; set ``prune.align = 16`` explicitly for those.)
 A pruned width that is not a multiple of the block is padded back up and keeps the cost of the padded width.
 """
 from __future__ import annotations
@@ -29,7 +31,7 @@ def nchwc_block(machine: str | None = None, flags: set[str] | None = None) -> in
     """The channel block onnxruntime's NCHWc kernels use on ``machine`` (default: this host)."""
     machine = (machine or platform.machine()).lower()
     if machine in ("aarch64", "arm64"):
-        return 16
+        return 1
     if machine in ("x86_64", "amd64", "i386", "i686", "x86"):
         flags = cpu_flags() if flags is None else flags
         return 16 if "avx512f" in flags else 8

@@ -480,14 +480,15 @@ def _device_plots(report: dict, plt) -> dict[str, bytes]:
         return {}
     devices = list(dict.fromkeys(r["device"] for r in rows))
     arts = list(dict.fromkeys(r["artifact"] for r in rows))
-    fig, axes = plt.subplots(1, len(devices), figsize=(4.2 * len(devices), 3.8), squeeze=False)
-    for ax, dev in zip(axes[0], devices):
+    fig, axes = plt.subplots(1, len(devices), figsize=(2.0 + 3.2 * len(devices), 3.8), squeeze=False, sharey=True)
+    for i, (ax, dev) in enumerate(zip(axes[0], devices)):
         vals = [next((r["p50_ms"] for r in rows if r["device"] == dev and r["artifact"] == a), 0.0) for a in arts]
         emulated = any(r["emulated"] for r in rows if r["device"] == dev)
         ax.barh(arts, vals, color="#c05621" if emulated else "#2b6cb0")
         ax.set_xlabel("emulated p50 (ms): NOT a latency" if emulated else "p50 latency (ms)")
         ax.set_title(f"{dev}, batch 1, 1 thread", fontsize=9)
-        ax.invert_yaxis()
+        ax.tick_params(labelleft=i == 0)
+    axes[0][0].invert_yaxis()
     latency_devices = _png(fig)
     plt.close(fig)
 

@@ -57,6 +57,9 @@ class StageContext:
 class StageResult:
     outputs: dict[str, Path]
     metrics: dict = field(default_factory=dict)
+    # finished, but not everything it was asked for (e.g. an unreachable bench device): the results are kept and
+    # reported, and the next run retries the stage instead of skipping it
+    incomplete: str | None = None
 
 
 @dataclass(frozen=True)
@@ -178,7 +181,7 @@ def stale_stages(cfg: RunConfig, run_dir: Path, stages: list[Stage], *, reuse_st
         current = entry.get("key") == stage_key(stage, cfg, manifest) or (
             reuse_stale and _config_key(entry) == stage_key(stage, cfg, manifest, code=False))
         if set(stale).intersection(stage.inputs) or entry.get("status") != "done" or not current \
-                or not _outputs_valid(run_dir, entry):
+                or entry.get("incomplete") or not _outputs_valid(run_dir, entry):
             stale.append(stage.name)
     return stale
 
@@ -225,7 +228,8 @@ def _adopt(stage: Stage, key: str, run_dir: Path, manifest: dict, donors: tuple[
             entry = load_manifest(Path(donor)).get("stages", {}).get(stage.name, {})
         except ManifestError:
             continue
-        if entry.get("status") != "done" or entry.get("key") != key or not _outputs_valid(Path(donor), entry):
+        if entry.get("status") != "done" or entry.get("key") != key or entry.get("incomplete") \
+                or not _outputs_valid(Path(donor), entry):
             continue
         tmp = run_dir / f".{stage.name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -263,10 +267,12 @@ def _run_locked(cfg: RunConfig, run_dir: Path, stages: list[Stage], *, log, afte
         entry = manifest["stages"].get(stage.name, {})
         # an input that was recomputed forces a rerun even if its hashes came out the same
         done = not reran.intersection(stage.inputs) and entry.get("status") == "done"
-        if done and entry.get("key") == key and _outputs_valid(run_dir, entry):
+        if done and entry.get("incomplete"):
+            log(f"[{stage.name}] retrying: the last run was incomplete ({entry['incomplete']})")
+        elif done and entry.get("key") == key and _outputs_valid(run_dir, entry):
             log(f"[{stage.name}] skipped: up to date (key {key[:12]})")
             continue
-        if done and reuse_stale and _config_key(entry) == stage_key(stage, cfg, manifest, code=False) \
+        if done and not entry.get("incomplete") and reuse_stale and _config_key(entry) == stage_key(stage, cfg, manifest, code=False) \
                 and _outputs_valid(run_dir, entry):
             entry["stale_code"] = {"built_with": entry.get("code"), "current": stage.code, "reused": _now()}
             write_json(run_dir / MANIFEST, manifest)
@@ -311,7 +317,8 @@ def _run_locked(cfg: RunConfig, run_dir: Path, stages: list[Stage], *, log, afte
             "status": "done", "key": key, "config_key": stage_key(stage, cfg, manifest, code=False),
             "code": stage.code, "config": {s: to_dict(cfg)[s] for s in stage.sections},
             "inputs": list(stage.inputs), "outputs": outputs, "metrics": result.metrics,
-            "started": started, "finished": _now(), "seconds": round(time.perf_counter() - t0, 3)}
+            "started": started, "finished": _now(), "seconds": round(time.perf_counter() - t0, 3),
+            **({"incomplete": result.incomplete} if result.incomplete else {})}
         write_json(run_dir / MANIFEST, manifest)
         log(f"[{stage.name}] done in {time.perf_counter() - t0:.1f}s")
         if after_stage is not None:
