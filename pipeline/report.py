@@ -404,6 +404,19 @@ def _device_sections(report: dict) -> list[str]:
         lines += [f"| {r['device']} | {r['model']} | {r['variant']} | {r['batch']} | {r['threads']} | "
                   f"{r['deterministic_p50_ms']:.3f} | {r['noisy_p50_ms']:.3f} | {100 * r['noise_share']:.0f}% |"
                   for r in noise]
+    prof = report.get("profile", {})
+    rng_rows = []
+    for name, p in prof.items():
+        ops = p.get("ops", {})
+        rng = sum(v["us_per_run"] for k, v in ops.items() if k.startswith("Random"))
+        if rng:
+            total = sum(v["us_per_run"] for v in ops.values())
+            rng_rows.append(f"| {name} | {p['batch']} | {p['threads']} | {rng:.0f} | {total:.0f} | "
+                            f"{100 * rng / total:.0f}% |")
+    if rng_rows:
+        lines += ["", "Where the noise's time goes (onnxruntime profiler, kernel time): the random-number kernel alone",
+                  "", "| artifact | batch | threads | RandomNormal* µs/run | all kernels µs/run | share |",
+                  "|---|---:|---:|---:|---:|---:|", *rng_rows]
     i8 = [r for r in report.get("int8", []) if not r["emulated"]]
     if i8:
         lines += ["", "## int8 vs float (same device, level all)", "",
