@@ -24,6 +24,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="take finished stages with the same key from this run folder instead of recomputing "
                           "them (e.g. a paper config's train stage from its dense-baseline run); repeatable")
     run.add_argument("--until", metavar="STAGE", help="stop after this stage (e.g. train); no report is written")
+    run.add_argument("--nproc", type=int, default=1, metavar="N",
+                     help="train on N processes of this machine with torchrun (DistributedDataParallel; gloo on "
+                          "CPU, NCCL on GPUs); the same as: torchrun --standalone --nproc_per_node N -m pipeline.cli run ...")
     run.add_argument("--bench-device", action="append", default=[], metavar="TARGET",
                      help="bench on this device too (repeatable): aarch64-emu, ssh://user@host[:port]; replaces "
                           "bench.devices by host + these (per-device settings: [[bench.devices]] in the config)")
@@ -119,8 +122,12 @@ def _main(argv: list[str] | None) -> int:
             run_bench(cfg, images=args.images, workers=args.workers)
             return 0
         from .report import write_report
-        from .runner import run_pipeline
+        from .runner import follow_pipeline, run_pipeline
         from .stages import STAGES
+        from . import distributed
+
+        if args.nproc != 1:
+            return _torchrun(args.nproc, argv)
 
         out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
         if out.exists() and not out.is_dir():
@@ -133,8 +140,16 @@ def _main(argv: list[str] | None) -> int:
         for d in args.share_from:
             if not Path(d).is_dir():
                 return _fail(f"--share-from {d}: not a folder")
+        from .stages.common import device_of
+
+        world = distributed.init(device_of(cfg))
+        if world is not None and not world.is_main:
+            follow_pipeline(cfg, stages)
+            return 0
         manifest = run_pipeline(cfg, out, stages, log=lambda m: print(m, flush=True), reuse_stale=args.reuse_stale,
                                 donors=tuple(Path(d) for d in args.share_from))
+        if world is not None:
+            distributed.broadcast(None)   # the other ranks' follow_pipeline returns
         if args.until:
             print(f"stopped after stage {args.until} in {time.perf_counter() - t0:.1f}s: {out}", flush=True)
             return 0
@@ -258,6 +273,32 @@ def _eval(args) -> int:
     print(f"done in {time.perf_counter() - t0:.1f}s: {run_dir / 'report.md'}", flush=True)
     _warn_failed_devices(report)
     return 0
+
+
+def _torchrun(nproc: int, argv: list[str] | None) -> int:
+    """``pipeline run --nproc N ...``: the same command under torchrun on this machine."""
+    import os
+    import subprocess
+
+    from .errors import UserError
+
+    if nproc < 1:
+        raise UserError(f"--nproc {nproc}: expected a number of processes >= 1")
+    if os.environ.get("WORLD_SIZE"):
+        raise UserError("--nproc: already running under torchrun; drop --nproc")
+    args = list(sys.argv[1:] if argv is None else argv)
+    rest, skip = [], False
+    for a in args:   # drop --nproc N / --nproc=N, keep everything else as given
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            rest.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "pipeline.cli", *rest]
+    print("running: " + " ".join(cmd[1:]), flush=True)
+    return subprocess.run(cmd).returncode
 
 
 def _warn_failed_devices(report: dict) -> None:

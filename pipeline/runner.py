@@ -186,6 +186,35 @@ def stale_stages(cfg: RunConfig, run_dir: Path, stages: list[Stage], *, reuse_st
     return stale
 
 
+def _release_followers(stage: str, ctx: StageContext) -> None:
+    """Under torchrun, rank 0 tells the other ranks to run ``stage`` with this context (pipeline/distributed.py)."""
+    from . import distributed
+
+    if distributed.active() is not None and stage in distributed.DISTRIBUTED_STAGES:
+        distributed.broadcast({"stage": stage, "run_dir": str(ctx.run_dir),
+                               "inputs": {n: {k: str(p) for k, p in d.items()} for n, d in ctx.inputs.items()},
+                               "metrics_of": ctx.metrics_of,
+                               "resume_dir": str(ctx.resume_dir) if ctx.resume_dir else None})
+
+
+def follow_pipeline(cfg: RunConfig, stages: list[Stage], *, log=print) -> None:
+    """Ranks > 0 under torchrun: run each distributed stage rank 0 announces, in lockstep with it, into a scratch
+    folder that is thrown away; return when rank 0 is done (it broadcasts None)."""
+    import tempfile
+
+    from . import distributed
+
+    by_name = {s.name: s for s in stages}
+    while (msg := distributed.broadcast()) is not None:
+        stage = by_name[msg["stage"]]
+        with tempfile.TemporaryDirectory(prefix=f"pipeline-rank-{stage.name}-") as scratch:
+            ctx = StageContext(cfg=cfg, run_dir=Path(msg["run_dir"]), out_dir=Path(scratch),
+                               inputs={n: {k: Path(p) for k, p in d.items()} for n, d in msg["inputs"].items()},
+                               metrics_of=msg["metrics_of"], log=lambda m: None,
+                               resume_dir=Path(msg["resume_dir"]) if msg["resume_dir"] else None)
+            stage.run(ctx)
+
+
 def run_pipeline(cfg: RunConfig, run_dir: Path, stages: list[Stage], *, log=print, after_stage=None,
                  reuse_stale: bool = False, donors: tuple[Path, ...] = ()) -> dict:
     """Run or skip each stage in order. A stage is skipped when its key and output hashes match its entry;
@@ -297,6 +326,7 @@ def _run_locked(cfg: RunConfig, run_dir: Path, stages: list[Stage], *, log, afte
                            resume_dir=_resume_dir(run_dir, stage.name, key))
         started, t0 = _now(), time.perf_counter()
         try:
+            _release_followers(stage.name, ctx)
             result = stage.run(ctx)
         except BaseException as e:
             shutil.rmtree(tmp_dir, ignore_errors=True)

@@ -29,14 +29,19 @@ def set_lr(optimizer, lr: float) -> None:
 
 def train_epoch(model, split: Split, optimizer, *, batch_size: int, attack, generator: torch.Generator,
                 augment: bool, device, sparsifier=None, progress: str | None = None, precision: str = "fp32",
-                channels_last: bool = False) -> dict:
+                channels_last: bool = False, world=None, attack_generator: torch.Generator | None = None) -> dict:
     """One epoch of (adversarial) training. A ``sparsifier`` (RGSM, RVSM, ADMM) gets ``before_batch()``,
     ``regularize()`` after backward and ``pull(lr)`` after the optimizer step; the caller ends its epoch.
 
     ``precision = "bf16"`` runs the attack and the forward pass under bf16 autocast (weights, gradients and the
     optimizer stay fp32); ``channels_last`` feeds NHWC batches (the model must be converted by the caller).
     Loss and accuracy accumulate on the device: on a GPU the loop never waits for the host, and a non-finite
-    loss is reported at the end of the epoch (naming its first batch) instead of at once."""
+    loss is reported at the end of the epoch (naming its first batch) instead of at once.
+
+    ``world`` (pipeline/distributed.py; ``model`` then is the DDP wrapper): every rank draws the same global batch
+    and trains on its slice; the attack runs on the unwrapped model with ``attack_generator`` (per rank), and the
+    returned loss/accuracy/throughput are over all ranks."""
+    from .distributed import shard, unwrap
     from tqdm import tqdm
 
     if precision not in ("fp32", "bf16"):
@@ -61,13 +66,18 @@ def train_epoch(model, split: Split, optimizer, *, batch_size: int, attack, gene
                                 f"(lr = {lr}); lower the learning rate")
 
     for batch_index, (x, y) in enumerate(bar, start=1):
+        if world is not None:
+            if len(y) < world.size:
+                continue   # a slice per rank would be empty
+            x, y = shard(x, world), shard(y, world)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         if sparsifier is not None:
             sparsifier.before_batch()
         with autocast():
             if attack is not None:
-                x = attack(model, x, y, generator)
+                # the unwrapped model: crafting needs no gradient sync, and the weights are equal on every rank
+                x = attack(unwrap(model), x, y, attack_generator or generator)
             logits = model(x)
             loss = F.cross_entropy(logits, y)
         finite = torch.isfinite(loss.detach())
@@ -86,6 +96,13 @@ def train_epoch(model, split: Split, optimizer, *, batch_size: int, attack, gene
         correct += (logits.detach().argmax(1) == y).sum()
     if int(first_bad):
         raise diverged(int(first_bad), "non-finite")
+    if world is not None:
+        import torch.distributed as dist
+
+        totals = torch.stack([loss_sum, correct.double(), torch.tensor(float(seen), dtype=torch.float64,
+                                                                       device=device)])
+        dist.all_reduce(totals)
+        loss_sum, correct, seen = totals[0], totals[1], int(totals[2])
     seconds = time.perf_counter() - start
     return {"loss": float(loss_sum) / max(seen, 1), "train_acc": 100.0 * int(correct) / max(seen, 1),
             "images_per_s": seen / seconds, "seconds": seconds, "lr": lr}

@@ -8,8 +8,9 @@ import torch
 from models import create_model, describe
 
 from ..algorithms.attacks import make_attack
-from .. import resume
+from .. import distributed, resume
 from ..algorithms.sparsity import PAPER_ZERO_TOL, sparsity_metrics
+from ..errors import UserError
 from ..runio import save_model
 from ..runner import Stage, StageContext, StageResult
 from ..training import evaluate, set_lr, snapshot, step_lr, train_epoch
@@ -67,6 +68,14 @@ def run(ctx: StageContext) -> StageResult:
         ctx.log(f"training the {cfg.model.ensemble} members as one grouped-convolution network")
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    world = distributed.active()
+    if world is not None:
+        if t.batch_size < world.size:
+            raise UserError(f"train.batch_size = {t.batch_size} is smaller than the {world.size} torchrun ranks "
+                            "(the global batch is split across them)")
+        ctx.log(f"DistributedDataParallel over {world.size} ranks: global batch {t.batch_size}, "
+                f"about {t.batch_size // world.size} per rank")
+    trained = distributed.wrap(model, world, device)   # the model itself stays the unwrapped module
     optimizer = None
     attack = training_attack(cfg)
     select_on = "val_robust" if validation_attack(cfg) is not None else "val_natural"
@@ -83,16 +92,25 @@ def run(ctx: StageContext) -> StageResult:
     for epoch in range(start, t.epochs):
         optimizer = epoch_optimizer(optimizer, model, cfg, t.lr)
         set_lr(optimizer, step_lr(epoch, base_lr=t.lr, epochs=t.epochs, milestones=t.lr_milestones, gamma=t.lr_gamma))
-        stats = train_epoch(model, train, optimizer, batch_size=t.batch_size, attack=attack, generator=generator,
+        attack_gen = None
+        if world is not None:
+            # per rank and epoch, not per run: nothing per rank to checkpoint, so any world size can resume
+            attack_gen = distributed.attack_generator(cfg.seed, epoch, world)
+            torch.manual_seed(attack_gen.initial_seed() + 1)   # EnResNet's noise, per rank
+        stats = train_epoch(trained, train, optimizer, batch_size=t.batch_size, attack=attack, generator=generator,
                             augment=t.augment, device=device, progress=f"train {epoch + 1}/{t.epochs}",
-                            precision=t.precision, channels_last=t.channels_last)
+                            precision=t.precision, channels_last=t.channels_last, world=world,
+                            attack_generator=attack_gen)
+        if world is not None:
+            distributed.sync_buffers(model, world)
+            distributed.check_in_sync(model, world)
         stats.update(validate(model, val_eval, cfg, device, generator))
         stats["epoch"] = epoch + 1
         log_lines.append(json.dumps(stats))
         ctx.log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in stats.items()))
         if best is None or stats[select_on] > best[select_on]:
             best, best_state = stats, snapshot(model)
-        if resume.due(epoch + 1, t.epochs, t.checkpoint_every):
+        if resume.due(epoch + 1, t.epochs, t.checkpoint_every) and (world is None or world.is_main):
             resume.save(ctx.resume_dir, {"epoch": epoch + 1, "model": model.state_dict(),
                                          "optimizer": optimizer.state_dict(), "best": best, "best_state": best_state,
                                          "log_lines": log_lines, "rng": resume.rng_state(generator)})
@@ -107,7 +125,7 @@ def run(ctx: StageContext) -> StageResult:
     metrics = {"selected_epoch": best["epoch"], "selected_on": select_on,
                "val": {k: best[k] for k in ("val_natural", "val_robust") if k in best},
                "train_images_per_s": sum(json.loads(x)["images_per_s"] for x in log_lines) / len(log_lines),
-               "params": sum(p.numel() for p in model.parameters()),
+               "params": sum(p.numel() for p in model.parameters()), "world_size": world.size if world else 1,
                **sparsity_metrics(model, PAPER_ZERO_TOL)}
     return StageResult(outputs, metrics)
 
