@@ -1,4 +1,4 @@
-"""ONNX Runtime inference, latency measurement and static inspection of exported ONNX files.
+"""ONNX Runtime inference, profiling and static inspection of exported ONNX files (latency: device_bench.py).
 
 onnx / onnxruntime are imported inside functions so that importing ``export`` stays cheap for
 stages that never touch ONNX.
@@ -6,9 +6,6 @@ stages that never touch ONNX.
 from __future__ import annotations
 
 import os
-import platform
-import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -67,66 +64,6 @@ def ort_accuracy(session, images, labels, batch_size: int = 256) -> float:
     labels = np.asarray(labels)
     pred = ort_predict(session, images, batch_size).argmax(axis=1)
     return float((pred == labels).mean() * 100.0)
-
-
-@dataclass(frozen=True)
-class LatencyStats:
-    name: str
-    p50_ms: float
-    p90_ms: float
-    mean_ms: float
-    runs: int
-    batch: int
-    threads: int
-
-
-def measure_latency_interleaved(paths: dict[str, str], *, threads: int = 1, batch: int = 1, warmup: int = 20,
-                                runs: int = 100, seed: int = 0, optimization: str = "all",
-                                levels: dict[str, str] | None = None) -> dict[str, LatencyStats]:
-    """p50/p90/mean latency of each named ONNX file on the same random input, timed round-robin.
-
-    ``levels`` (name -> graph optimisation level) overrides ``optimization`` per name, so one file can
-    appear several times under different levels and every (file, level) pair is timed side by side."""
-    if not paths:
-        raise ValueError("paths is empty")
-    if runs < 1 or warmup < 0:
-        raise ValueError(f"need runs >= 1 and warmup >= 0, got runs={runs}, warmup={warmup}")
-    levels = levels or {}
-    sessions = {name: ort_session(p, intra_op_threads=threads, inter_op_threads=1,
-                                  optimization=levels.get(name, optimization))
-                for name, p in paths.items()}
-    feeds = {}
-    x = None
-    for name, sess in sessions.items():
-        inp = sess.get_inputs()[0]
-        shape = tuple(batch if i == 0 else d for i, d in enumerate(inp.shape))
-        if not all(isinstance(d, int) for d in shape):
-            raise ValueError(f"{name}: non-batch dims must be static, got {inp.shape}")
-        if x is None:
-            x = np.random.default_rng(seed).random(shape, dtype=np.float32)
-        elif x.shape != shape:
-            raise ValueError(f"{name}: input shape {shape} differs from {x.shape}; models are not comparable")
-        feeds[name] = {inp.name: x}
-
-    for name, sess in sessions.items():
-        for _ in range(warmup):
-            sess.run(None, feeds[name])
-
-    names = list(sessions)
-    times = {name: np.empty(runs, dtype=np.int64) for name in names}
-    for r in range(runs):
-        # Alternating the order cancels slow drift (thermal, frequency) and first-in-round cache effects.
-        for name in (names if r % 2 == 0 else names[::-1]):
-            t0 = time.perf_counter_ns()
-            sessions[name].run(None, feeds[name])
-            times[name][r] = time.perf_counter_ns() - t0
-
-    out = {}
-    for name in names:
-        ms = times[name] / 1e6
-        p50, p90 = np.percentile(ms, [50, 90])
-        out[name] = LatencyStats(name, float(p50), float(p90), float(ms.mean()), runs, batch, threads)
-    return out
 
 
 def read_metadata(path) -> dict[str, str]:
@@ -211,24 +148,6 @@ def onnx_macs(path) -> int:
             # Y holds one k-long dot product per element (broadcast batch dims included); k is A's last dim.
             total += int(np.prod(y, dtype=np.int64)) * a[-1]
     return int(total)
-
-
-def host_device_description() -> dict:
-    cpu = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {
-        "device": "host-cpu",
-        "cpu": cpu or platform.processor() or "unknown",
-        "arch": platform.machine(),
-        "cores": os.cpu_count(),
-    }
 
 
 def profile_op_types(path, *, optimization: str = "all", threads: int = 1, batch: int = 1, runs: int = 100,

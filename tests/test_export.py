@@ -11,7 +11,7 @@ pytest.importorskip("onnxsim")
 
 import models  # noqa: E402
 from export import (  # noqa: E402
-    ExportParityError, export_onnx, host_device_description, measure_latency_interleaved, onnx_macs,
+    ExportParityError, export_onnx, onnx_macs,
     onnx_param_count, ort_accuracy, ort_predict, ort_session, profile_op_types, read_metadata,
 )
 from export import onnx_export as onnx_export_mod  # noqa: E402
@@ -126,25 +126,26 @@ def test_metadata_must_be_str(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_latency_interleaved_sanity(exported):
-    _, reports = exported
-    stats = measure_latency_interleaved({"dynamo": reports[True].path, "torchscript": reports[False].path},
-                                        threads=1, batch=2, warmup=2, runs=5, seed=0)
-    assert set(stats) == {"dynamo", "torchscript"}
-    for name, s in stats.items():
-        assert s.name == name and s.runs == 5 and s.batch == 2 and s.threads == 1
-        assert 0 < s.p50_ms <= s.p90_ms and s.mean_ms > 0
+def test_device_bench_times_each_model_at_its_levels(exported, tmp_path):
+    """export/device_bench.py through the host transport: per-model levels, ordered percentiles, runtime facts."""
+    from pipeline.config import DeviceConfig
+    from pipeline.devices import run_on_device, write_job
 
-
-def test_latency_levels_per_name(exported):
-    """One file under several optimisation levels, timed side by side; an unknown level is refused."""
     _, reports = exported
-    path = reports[True].path
-    stats = measure_latency_interleaved({"a": path, "b": path}, levels={"a": "disable", "b": "all"},
-                                        threads=1, batch=1, warmup=1, runs=3)
-    assert set(stats) == {"a", "b"}
-    with pytest.raises(ValueError, match="optimization"):
-        measure_latency_interleaved({"a": path}, levels={"a": "fastest"}, runs=1)
+    x = np.random.default_rng(0).random((4, 3, 32, 32), dtype=np.float32)
+    write_job(tmp_path / "job", {"a": reports[True].path, "b": reports[False].path}, x,
+              settings=[{"batch": 2, "threads": 1}], levels={"a": ["disable", "all"], "b": ["all"]},
+              warmup=1, runs=5, seed=0, predict_batch=3)
+    r = run_on_device(DeviceConfig(), tmp_path / "job")
+    assert sorted((row["model"], row["graph_optimization"]) for row in r["latency"]) == [
+        ("a", "all"), ("a", "disable"), ("b", "all")]
+    for row in r["latency"]:
+        assert row["runs"] == 5 and row["batch"] == 2 and row["threads"] == 1
+        assert 0 < row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"]
+    assert r["runtime"]["emulated"] is False and r["runtime"]["cpu"] and r["runtime"]["cores"] >= 1
+    logits = np.asarray(r["models"]["a"]["logits"])
+    assert logits.shape == (4, 10)            # batches of 3 cover all 4 images
+    assert np.allclose(logits, ort_predict(ort_session(reports[True].path), x), atol=1e-5)
 
 
 def test_profile_op_types_accounts_per_run(exported):
@@ -192,9 +193,3 @@ def test_onnx_macs_hand_computed(tmp_path):
     mm = tmp_path / "mm.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), mm)
     assert onnx_macs(mm) == 4 * 3 * 6
-
-
-def test_host_device_description():
-    d = host_device_description()
-    assert d["device"] == "host-cpu" and isinstance(d["cpu"], str) and d["cpu"]
-    assert d["arch"] and d["cores"] >= 1
