@@ -137,10 +137,8 @@ def variant_rows(st: dict, ev: dict, transfer: dict, bench: dict) -> list[dict]:
             lat = [r for r in bench.get("latency_all", []) if r["device"] == host and r["artifact"] == name
                    and r["batch"] == 1 and r["threads"] == 1 and r["graph_optimization"] == "all"]
             row["host_p50_ms_b1_t1"] = lat[0]["p50_ms"] if lat else None
-        res = ev["models"].get(model, {}).get(twin or "noise_off", {})
         source = twin or "noise_off"   # int8: examples crafted on its float model, noise off
-        row["whitebox_mode"] = twin
-        row["whitebox_worst_case"] = res.get("worst_case") if twin else None
+        row["whitebox_worst_case"] = ev["models"].get(model, {}).get(twin, {}).get("worst_case") if twin else None
         crafted = t["crafted_on"].get(source, {})
         row["onnx_on_twin_examples"] = crafted
         row["onnx_worst_attack"] = min(crafted.values()) if crafted else None

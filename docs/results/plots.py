@@ -17,6 +17,20 @@ def points(name):
     return [p for p in data["points"] if p["status"] == "done"]
 
 
+def set_labels(ax, xlabel: str, ylabel: str, title: str) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+
+
+def save(fig, axes, name: str, legend_size: int) -> None:
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    fig.savefig(OUT / name, dpi=110)
+
+
 fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
 for name, label, marker in (("rgsm-resnet20", "ResNet20", "o"), ("rgsm-en2resnet20", "En2ResNet20", "s")):
     pts = points(name)
@@ -30,17 +44,9 @@ if admm.exists():
     res = res.get("noise_off") or res.get("stochastic")
     ax2.scatter([rep["models"][1]["channel_sparsity"]], [res["attacks"]["ifgsm"]["accuracy"]], marker="x", s=60,
                 color="k", label="ResNet20, ADMM-channel", zorder=3)
-ax1.set_xlabel("λ1 (β = 1)")
-ax1.set_ylabel("channel sparsity (%)")
-ax1.set_title("RGSM: channel sparsity at equal λ1")
-ax2.set_xlabel("channel sparsity (%)")
-ax2.set_ylabel("A3 IFGSM-20 accuracy (%)")
-ax2.set_title("robust accuracy vs channel sparsity")
-for ax in (ax1, ax2):
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-fig.tight_layout()
-fig.savefig(OUT / "rgsm.png", dpi=110)
+set_labels(ax1, "λ1 (β = 1)", "channel sparsity (%)", "RGSM: channel sparsity at equal λ1")
+set_labels(ax2, "channel sparsity (%)", "A3 IFGSM-20 accuracy (%)", "robust accuracy vs channel sparsity")
+save(fig, (ax1, ax2), "rgsm.png", legend_size=8)
 
 fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
 pts = points("rvsm-beta")
@@ -51,9 +57,7 @@ for name, marker in (("rvsm-l1", "^"), ("rvsm-tl1", "v")):
             ax.scatter([p["hyper"]["beta"]], [p["weight_sparsity"]], marker=marker, s=50,
                        label=f"{p['hyper']['penalty']} (ℓ0's zeroing threshold at β = 0.01)")
 ax.set_xscale("log")
-ax.set_xlabel("β")
-ax.set_ylabel("weight sparsity, exact zeros (%)")
-ax.set_title("RVSM: sparsity vs β")
+set_labels(ax, "β", "weight sparsity, exact zeros (%)", "RVSM: sparsity vs β")
 by_penalty = {}
 for name in ("rvsm-beta", "rvsm-l1", "rvsm-tl1", "rvsm-l1-match", "rvsm-tl1-match"):
     if (RUNS / name / "sweep.json").exists():
@@ -62,12 +66,6 @@ for name in ("rvsm-beta", "rvsm-l1", "rvsm-tl1", "rvsm-l1-match", "rvsm-tl1-matc
                 by_penalty.setdefault(p["hyper"]["penalty"], []).append((p["weight_sparsity"], p["a3"]))
 for (penalty, xy), marker in zip(sorted(by_penalty.items()), "o^v"):
     ax2.plot(*zip(*sorted(xy)), marker=marker, label=penalty)
-ax2.set_xlabel("weight sparsity, exact zeros (%)")
-ax2.set_ylabel("A3 IFGSM-20 accuracy (%)")
-ax2.set_title("β = 0.01: ℓ0 / ℓ1 / TL1")
-for a in (ax, ax2):
-    a.grid(alpha=0.3)
-    a.legend(fontsize=7)
-fig.tight_layout()
-fig.savefig(OUT / "rvsm.png", dpi=110)
+set_labels(ax2, "weight sparsity, exact zeros (%)", "A3 IFGSM-20 accuracy (%)", "β = 0.01: ℓ0 / ℓ1 / TL1")
+save(fig, (ax, ax2), "rvsm.png", legend_size=7)
 print("wrote", OUT / "rgsm.png", OUT / "rvsm.png")
