@@ -2,7 +2,7 @@
 
 ``torchrun --nproc_per_node N -m pipeline.cli run --config C`` (or ``pipeline run --nproc N``, which wraps it) starts
 N processes. Rank 0 runs the pipeline as usual -- it alone reads and writes the manifest and every artifact. Before a
-stage that can use the other ranks (``train``), it broadcasts the stage's context; the other ranks run the same
+stage that can use the other ranks (``train``, ``prune``), it broadcasts the stage's context; the other ranks run the same
 stage code in lockstep on their shard of every batch and throw their copy of the outputs away. Between those
 stages they wait for the next broadcast.
 
@@ -14,6 +14,8 @@ Semantics (documented in the README):
 - adversarial examples are crafted per rank on the unwrapped model (the weights are equal on every rank), with a
   generator seeded by (seed, epoch, rank), so a resumed run -- on any world size -- draws the same random starts;
 - after every epoch the ranks take rank 0's BatchNorm statistics and are checked to hold identical weights;
+- the prune stage's sparsifier (RGSM, RVSM, ADMM) runs on every rank on the DDP-averaged gradients and equal
+  weights, so its steps and epoch-end projections are the same everywhere (the weight check covers them too);
 - only rank 0 checkpoints; the checkpoint holds no per-rank state, so ``kill -9`` and a rerun with another
   ``--nproc`` resumes from it (multi-node: the run folder must be on a shared filesystem).
 """
@@ -26,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 # the stages whose run() uses the other ranks; every other stage runs on rank 0 alone
-DISTRIBUTED_STAGES = ("train",)
+DISTRIBUTED_STAGES = ("train", "prune")
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,37 @@ def shard(x: torch.Tensor, world: World | None) -> torch.Tensor:
 
 def attack_generator(seed: int, epoch: int, world: World) -> torch.Generator:
     return torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 1_009 + world.rank) % (2**63))
+
+
+def epoch_attack_generator(seed: int, epoch: int, world: World | None) -> torch.Generator | None:
+    """Under torchrun: this rank's generator for the epoch's attacks, and torch's global RNG (EnResNet's noise)
+    reseeded per rank. Per rank and epoch, not per run: nothing per rank to checkpoint, so any world size can
+    resume. None when running alone (the stage's own generator is used, as before)."""
+    if world is None:
+        return None
+    gen = attack_generator(seed, epoch, world)
+    torch.manual_seed(gen.initial_seed() + 1)
+    return gen
+
+
+def prepare(model: torch.nn.Module, world: World | None, device, batch_size: int, log) -> torch.nn.Module:
+    """The module a training stage steps: ``model`` itself alone, its DDP wrapper under torchrun."""
+    if world is None:
+        return model
+    from .errors import UserError
+
+    if batch_size < world.size:
+        raise UserError(f"train.batch_size = {batch_size} is smaller than the {world.size} torchrun ranks "
+                        "(the global batch is split across them)")
+    log(f"DistributedDataParallel over {world.size} ranks: global batch {batch_size}, "
+        f"about {batch_size // world.size} per rank")
+    return wrap(model, world, device)
+
+
+def end_epoch(model: torch.nn.Module, world: World | None) -> None:
+    if world is not None:
+        sync_buffers(model, world)
+        check_in_sync(model, world)
 
 
 def wrap(model: torch.nn.Module, world: World | None, device) -> torch.nn.Module:

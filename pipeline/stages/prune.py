@@ -8,7 +8,7 @@ import torch
 
 from models import create_model, describe
 
-from .. import resume
+from .. import distributed, resume
 from ..algorithms.admm import ADMM
 from ..algorithms.groups import coupled_families, group_costs, paper_families
 from ..algorithms.rgsm import RGSM
@@ -47,6 +47,8 @@ def run(ctx: StageContext) -> StageResult:
         model.load_state_dict(state["model"])
     sparsifier = make_sparsifier(model, cfg, device)
     ctx.log(describe_sparsifier(sparsifier, cfg))
+    world = distributed.active()
+    trained = distributed.prepare(model, world, device, cfg.train.batch_size, ctx.log)   # `model` stays unwrapped
     optimizer = None
     attack = training_attack(cfg)
     log_lines, before_final, start = [], {}, 0
@@ -60,14 +62,16 @@ def run(ctx: StageContext) -> StageResult:
     for epoch in range(start, p.epochs):
         optimizer = epoch_optimizer(optimizer, model, cfg, p.lr)
         set_lr(optimizer, step_lr(epoch, base_lr=p.lr, epochs=p.epochs, milestones=p.lr_milestones, gamma=p.lr_gamma))
-        stats = train_epoch(model, train, optimizer, batch_size=cfg.train.batch_size, attack=attack,
+        stats = train_epoch(trained, train, optimizer, batch_size=cfg.train.batch_size, attack=attack,
                             generator=generator, augment=cfg.train.augment, device=device, sparsifier=sparsifier,
                             progress=f"prune {epoch + 1}/{p.epochs}", precision=cfg.train.precision,
-                            channels_last=cfg.train.channels_last)
+                            channels_last=cfg.train.channels_last, world=world,
+                            attack_generator=distributed.epoch_attack_generator(cfg.seed + 1, epoch, world))
         last = epoch == p.epochs - 1
         if last:
             before_final = sparsity_metrics(model, p.zero_tol)
         sparsifier.end_epoch(last=last)
+        distributed.end_epoch(model, world)   # after the projection: the check covers the sparsifier's steps too
         stats.update(validate(model, val_eval, cfg, device, generator))
         stats.update(sparsity_metrics(model, p.zero_tol))
         if p.groups == "coupled":
@@ -75,7 +79,7 @@ def run(ctx: StageContext) -> StageResult:
         stats["epoch"] = epoch + 1
         log_lines.append(json.dumps(stats))
         ctx.log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in stats.items()))
-        if resume.due(epoch + 1, p.epochs, cfg.train.checkpoint_every):
+        if resume.due(epoch + 1, p.epochs, cfg.train.checkpoint_every) and (world is None or world.is_main):
             resume.save(ctx.resume_dir, {"epoch": epoch + 1, "model": model.state_dict(),
                                          "optimizer": optimizer.state_dict(), "sparsifier": sparsifier.state_dict(),
                                          "log_lines": log_lines, "rng": resume.rng_state(generator)})
@@ -89,7 +93,7 @@ def run(ctx: StageContext) -> StageResult:
     metrics = {"method": p.method, "threshold": getattr(sparsifier, "threshold", None),
                "sparsifier": {k: v for k, v in state.items() if k not in ("z", "u")}, "groups": p.groups,
                "val": {k: last[k] for k in ("val_natural", "val_robust") if k in last},
-               **sparsity_metrics(model, p.zero_tol)}
+               "world_size": world.size if world else 1, **sparsity_metrics(model, p.zero_tol)}
     if isinstance(sparsifier, RGSM):
         metrics.update({"align": sparsifier.align, "family_widths": sparsifier.kept_widths()})
     if p.method == "admm":

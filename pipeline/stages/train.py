@@ -10,7 +10,6 @@ from models import create_model, describe
 from ..algorithms.attacks import make_attack
 from .. import distributed, resume
 from ..algorithms.sparsity import PAPER_ZERO_TOL, sparsity_metrics
-from ..errors import UserError
 from ..runio import save_model
 from ..runner import Stage, StageContext, StageResult
 from ..training import evaluate, set_lr, snapshot, step_lr, train_epoch
@@ -69,13 +68,7 @@ def run(ctx: StageContext) -> StageResult:
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
     world = distributed.active()
-    if world is not None:
-        if t.batch_size < world.size:
-            raise UserError(f"train.batch_size = {t.batch_size} is smaller than the {world.size} torchrun ranks "
-                            "(the global batch is split across them)")
-        ctx.log(f"DistributedDataParallel over {world.size} ranks: global batch {t.batch_size}, "
-                f"about {t.batch_size // world.size} per rank")
-    trained = distributed.wrap(model, world, device)   # the model itself stays the unwrapped module
+    trained = distributed.prepare(model, world, device, t.batch_size, ctx.log)   # `model` stays unwrapped
     optimizer = None
     attack = training_attack(cfg)
     select_on = "val_robust" if validation_attack(cfg) is not None else "val_natural"
@@ -92,18 +85,12 @@ def run(ctx: StageContext) -> StageResult:
     for epoch in range(start, t.epochs):
         optimizer = epoch_optimizer(optimizer, model, cfg, t.lr)
         set_lr(optimizer, step_lr(epoch, base_lr=t.lr, epochs=t.epochs, milestones=t.lr_milestones, gamma=t.lr_gamma))
-        attack_gen = None
-        if world is not None:
-            # per rank and epoch, not per run: nothing per rank to checkpoint, so any world size can resume
-            attack_gen = distributed.attack_generator(cfg.seed, epoch, world)
-            torch.manual_seed(attack_gen.initial_seed() + 1)   # EnResNet's noise, per rank
+        attack_gen = distributed.epoch_attack_generator(cfg.seed, epoch, world)
         stats = train_epoch(trained, train, optimizer, batch_size=t.batch_size, attack=attack, generator=generator,
                             augment=t.augment, device=device, progress=f"train {epoch + 1}/{t.epochs}",
                             precision=t.precision, channels_last=t.channels_last, world=world,
                             attack_generator=attack_gen)
-        if world is not None:
-            distributed.sync_buffers(model, world)
-            distributed.check_in_sync(model, world)
+        distributed.end_epoch(model, world)
         stats.update(validate(model, val_eval, cfg, device, generator))
         stats["epoch"] = epoch + 1
         log_lines.append(json.dumps(stats))
