@@ -1,14 +1,14 @@
 """``pipeline bench-train --variants``: images/s of the PGD adversarial training step for every variant in one
-run -- member list vs grouped convs, fp32 vs bf16 autocast, channels_last, batch sizes -- beside the baseline
+run -- member list vs grouped convs, fp32 vs bf16 autocast, channels_last, CUDA graphs, batch sizes -- beside the baseline
 (members, fp32, the config's batch) measured in the same call, plus an exactness check of the grouped network.
 
 Synthetic uint8 images on the device (throughput does not depend on the pixels), so the script needs no data
-and can be carried to a GPU machine as is. One training step = the config's training attack (PGD-k) + forward,
-cross-entropy, backward, SGD step. Timed after ``warmup`` steps with the device synchronised.
+and can be carried to a GPU machine as is. One training step = the train stage's own ``TrainStep``: the config's
+training attack (PGD-k) + forward, cross-entropy, backward, SGD step. Timed after ``warmup`` steps (which include a
+CUDA graph's warm-up and capture) with the device synchronised.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 
@@ -21,6 +21,7 @@ from .bench_train import _sync
 from .config import ConfigError, RunConfig
 from .stages.common import model_kwargs, seed_everything
 from .stages.train import make_optimizer, training_attack
+from .training import WARMUP_STEPS, TrainStep
 
 
 def equivalence(cfg: RunConfig, device: torch.device) -> dict:
@@ -44,7 +45,8 @@ def equivalence(cfg: RunConfig, device: torch.device) -> dict:
 
 
 def run_variants(cfg: RunConfig, *, device: torch.device, batches: list[int], precisions: list[str],
-                 impls: list[str], channels_last: list[bool], steps: int, warmup: int) -> dict:
+                 impls: list[str], channels_last: list[bool], steps: int, warmup: int,
+                 cuda_graphs: list[bool] = (False,)) -> dict:
     for name, values, allowed in (("--precisions", precisions, ("fp32", "bf16")),
                                   ("--impls", impls, ("members", "grouped"))):
         if not values or any(v not in allowed for v in values):
@@ -53,15 +55,17 @@ def run_variants(cfg: RunConfig, *, device: torch.device, batches: list[int], pr
         raise ConfigError(f"--batches: expected positive batch sizes, got {batches}")
     if steps <= 0 or warmup < 0:
         raise ConfigError(f"--steps/--warmup: expected > 0 / >= 0, got {steps} / {warmup}")
+    if any(cuda_graphs) and device.type != "cuda":
+        raise ConfigError(f"--cuda-graphs: true needs --device cuda (CUDA graphs), got device {device}")
     from models.grouped import to_grouped
 
     attack = training_attack(cfg)
     seed_everything(cfg.seed)
-    variants = [(cfg.train.batch_size, "fp32", "members", False)]   # the baseline first
-    variants += [(b, p, i, c) for b in batches for p in precisions for i in impls for c in channels_last
-                 if (b, p, i, c) != variants[0]]
+    variants = [(cfg.train.batch_size, "fp32", "members", False, False)]   # the baseline first
+    variants += [(b, p, i, c, g) for b in batches for p in precisions for i in impls for c in channels_last
+                 for g in cuda_graphs if (b, p, i, c, g) != variants[0]]
     rows = []
-    for batch, precision, impl, cl in variants:
+    for batch, precision, impl, cl, graphs in variants:
         model = create_model(cfg.model.arch, **model_kwargs(cfg)).to(device)
         if impl == "grouped":
             model = to_grouped(model)
@@ -70,18 +74,12 @@ def run_variants(cfg: RunConfig, *, device: torch.device, batches: list[int], pr
         optimizer = make_optimizer(model, cfg, cfg.train.lr)
         x8 = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8, device=device)
         y = torch.randint(0, 10, (batch,), device=device)
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" \
-            else contextlib.nullcontext()
+        # the train stage's own step (pipeline/training.py): its capture warm-up happens inside `warmup` below
+        train_step = TrainStep(model, optimizer, attack=attack, precision=precision, cuda_graphs=graphs,
+                               warmup=min(WARMUP_STEPS, max(warmup - 1, 0)))
 
         def step():
-            x = (x8.float() / 255).contiguous(memory_format=fmt)
-            with autocast:
-                if attack is not None:
-                    x = attack(model, x, y, None)
-                loss = F.cross_entropy(model(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            train_step((x8.float() / 255).contiguous(memory_format=fmt), y)
 
         model.train()
         for _ in range(warmup):
@@ -93,9 +91,10 @@ def run_variants(cfg: RunConfig, *, device: torch.device, batches: list[int], pr
         _sync(device)
         seconds = time.perf_counter() - start
         rows.append({"batch": batch, "precision": precision, "impl": impl, "channels_last": cl,
-                     "images_per_s": batch * steps / seconds})
-        print(f"batch {batch:5d} {precision} {impl:8s} channels_last={str(cl):5s} "
+                     "cuda_graphs": graphs, "images_per_s": batch * steps / seconds})
+        print(f"batch {batch:5d} {precision} {impl:8s} channels_last={str(cl):5s} cuda_graphs={str(graphs):5s} "
               f"{rows[-1]['images_per_s']:10.1f} images/s", flush=True)
+        del train_step, model, optimizer
     base = rows[0]["images_per_s"]
     for r in rows:
         r["vs_baseline"] = r["images_per_s"] / base
@@ -107,10 +106,11 @@ def run_variants(cfg: RunConfig, *, device: torch.device, batches: list[int], pr
               "equivalence": equivalence(cfg, device), "rows": rows}
     print(f"\n{result['model']} En{result['ensemble']}, {result['attack']}-{result['attack_steps']}, "
           f"{result['device']}, torch {result['torch']}; baseline = first row")
-    print("| batch | precision | impl | channels_last | images/s | vs baseline |\n|---:|---|---|---|---:|---:|")
+    print("| batch | precision | impl | channels_last | cuda_graphs | images/s | vs baseline |\n"
+          "|---:|---|---|---|---|---:|---:|")
     for r in rows:
-        print(f"| {r['batch']} | {r['precision']} | {r['impl']} | {r['channels_last']} | {r['images_per_s']:.1f} "
-              f"| {r['vs_baseline']:.2f}x |")
+        print(f"| {r['batch']} | {r['precision']} | {r['impl']} | {r['channels_last']} | {r['cuda_graphs']} "
+              f"| {r['images_per_s']:.1f} | {r['vs_baseline']:.2f}x |")
     print(f"grouped vs members (float64, noise off): max|Δlogits| {result['equivalence']['max_abs_logits']:.2e}, "
           f"max|Δ stem grad| {result['equivalence']['max_abs_stem_grad']:.2e}")
     print(json.dumps(result), flush=True)

@@ -62,6 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     tb.add_argument("--precisions", default="fp32,bf16", help="--variants: fp32 and/or bf16 (autocast)")
     tb.add_argument("--impls", default="members,grouped", help="--variants: members and/or grouped")
     tb.add_argument("--channels-last", default="false,true", help="--variants: false and/or true")
+    tb.add_argument("--cuda-graphs", default=None,
+                    help="--variants: false and/or true (default: both on a CUDA device, false elsewhere)")
     tb.add_argument("--steps", type=int, default=20, help="--variants: timed steps per variant")
     tb.add_argument("--warmup", type=int, default=5, help="--variants: untimed steps first")
     dv = sub.add_parser("device", help="set up or check a benchmark device (aarch64-emu: arm64 root under qemu)")
@@ -195,10 +197,11 @@ def _bench_variants(args, cfg) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: torch sees no CUDA device here")
     device = torch.device(args.device) if args.device else device_of(cfg)
+    graphs = args.cuda_graphs if args.cuda_graphs is not None else ("false,true" if device.type == "cuda" else "false")
     run_variants(cfg, device=device, batches=items("--batches", args.batches, int),
                  precisions=items("--precisions", args.precisions, str), impls=items("--impls", args.impls, str),
                  channels_last=items("--channels-last", args.channels_last, flag), steps=args.steps,
-                 warmup=args.warmup)
+                 warmup=args.warmup, cuda_graphs=items("--cuda-graphs", graphs, flag))
     return 0
 
 

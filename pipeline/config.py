@@ -79,6 +79,9 @@ class TrainConfig:
     # Both are for GPUs (pipeline bench-train --variants measures them); the paper configs keep fp32.
     precision: str = "fp32"
     channels_last: bool = False
+    # Capture the attack + forward + backward of each full batch as a CUDA graph and replay it (one process on a
+    # CUDA device; pipeline/training.py TrainStep). Not part of any stage key: the same kernels in the same order.
+    cuda_graphs: bool = False
 
 
 @dataclass(frozen=True)
@@ -386,6 +389,8 @@ def _validate(cfg: RunConfig, source: str, overridden: frozenset = frozenset()) 
 
         if not torch.cuda.is_available():
             fail("device", '"cpu" or "auto": torch sees no CUDA device here')
+    if cfg.train.cuda_graphs and cfg.device == "cpu":
+        fail("train.cuda_graphs", 'false with device = "cpu" (CUDA graphs need a CUDA device)', ("device",))
     if not 0 <= cfg.prune.percentile < 100:
         fail("prune.percentile", "a percentile in [0, 100)")
     if cfg.prune.groups == "coupled" and cfg.prune.method != "rgsm":

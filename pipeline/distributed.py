@@ -97,12 +97,20 @@ def epoch_attack_generator(seed: int, epoch: int, world: World | None) -> torch.
     return gen
 
 
-def prepare(model: torch.nn.Module, world: World | None, device, batch_size: int, log) -> torch.nn.Module:
-    """The module a training stage steps: ``model`` itself alone, its DDP wrapper under torchrun."""
-    if world is None:
-        return model
+def prepare(model: torch.nn.Module, world: World | None, device, batch_size: int, log,
+            cuda_graphs: bool = False) -> torch.nn.Module:
+    """The module a training stage steps: ``model`` itself alone, its DDP wrapper under torchrun (where
+    ``train.cuda_graphs`` is refused: the capture would have to include DDP's collectives)."""
     from .errors import UserError
 
+    if cuda_graphs and world is not None:
+        raise UserError(f"train.cuda_graphs = true runs in one process; under torchrun ({world.size} ranks) set "
+                        "train.cuda_graphs = false")
+    if cuda_graphs and torch.device(device).type != "cuda":
+        raise UserError(f"train.cuda_graphs = true needs a CUDA device; this run trains on {torch.device(device)} "
+                        "(set train.cuda_graphs = false)")
+    if world is None:
+        return model
     if batch_size < world.size:
         raise UserError(f"train.batch_size = {batch_size} is smaller than the {world.size} torchrun ranks "
                         "(the global batch is split across them)")

@@ -140,7 +140,7 @@ def _manifest_problem(manifest) -> str | None:
 
 # Settings that change how a stage runs but never what it produces: left out of every key, so changing them
 # (or adding them to the config) reruns nothing.
-RESULT_NEUTRAL = {("train", "checkpoint_every")}
+RESULT_NEUTRAL = {("train", "checkpoint_every"), ("train", "cuda_graphs")}
 
 
 def stage_key(stage: Stage, cfg: RunConfig, manifest: dict, *, code: bool = True) -> str:

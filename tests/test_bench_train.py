@@ -74,6 +74,7 @@ def test_variants_grid_times_every_variant_and_checks_the_grouped_net(capsys):
     assert (rows[0]["batch"], rows[0]["precision"], rows[0]["impl"], rows[0]["vs_baseline"]) == (64, "fp32", "members", 1.0)
     assert {(r["precision"], r["impl"]) for r in rows[1:]} == {(p, i) for p in ("fp32", "bf16") for i in ("members", "grouped")}
     assert all(r["images_per_s"] > 0 for r in rows)
+    assert not any(r["cuda_graphs"] for r in rows)   # off the GPU the default is eager only
     assert result["equivalence"]["max_abs_logits"] <= 1e-12 and result["equivalence"]["max_abs_stem_grad"] <= 1e-12
 
 
@@ -83,3 +84,12 @@ def test_variants_bad_list_is_one_line(capsys):
     assert main(["bench-train", "--variants", "--config", "configs/smoke.toml", "--precisions", "fp8"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["pipeline: error: --precisions: expected a comma-separated list from fp32, bf16, got ['fp8']"]
+
+
+def test_variants_cuda_graphs_need_a_gpu(capsys):
+    from pipeline.cli import main
+
+    assert main(["bench-train", "--variants", "--config", "configs/smoke.toml", "--device", "cpu",
+                 "--cuda-graphs", "true"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["pipeline: error: --cuda-graphs: true needs --device cuda (CUDA graphs), got device cpu"]

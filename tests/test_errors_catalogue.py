@@ -123,6 +123,20 @@ def no_cuda(tmp, prev, mp):
     return sets("device=cuda")(tmp, prev, mp)
 
 
+def cuda_graphs_no_gpu(tmp, prev, mp):
+    import torch
+    mp.setattr(torch.cuda, "is_available", lambda: False)
+    return fresh_out_with("device=auto", "train.cuda_graphs=true")(tmp, prev, mp)
+
+
+def cuda_graphs_torchrun(tmp, prev, mp):
+    """Rank 0's view of a 2-rank run (the real torchrun launch is tests/test_distributed.py's business)."""
+    from pipeline import distributed
+    mp.setattr(distributed, "active", lambda: distributed.World(0, 2))
+    mp.setattr(distributed, "broadcast", lambda obj=None: obj)   # no other rank listens here
+    return fresh_out_with("device=auto", "train.cuda_graphs=true")(tmp, prev, mp)
+
+
 def interrupted_at_start(tmp, prev, mp):
     def ctrl_c(*a, **k):
         raise KeyboardInterrupt
@@ -164,6 +178,9 @@ CASES = {
     "val-size-zero": (sets("data.val_size=0"), "data.val_size", 2),
     "opset-not-honoured": (sets("export.opset=7"), "export.opset", 2),
     "cuda-without-gpu": (no_cuda, "torch sees no CUDA device", 2),
+    "cuda-graphs-on-cpu": (sets("train.cuda_graphs=true"), '--set: train.cuda_graphs: expected false with device = "cpu"', 2),
+    "cuda-graphs-no-gpu": (cuda_graphs_no_gpu, "train.cuda_graphs = true needs a CUDA device; this run trains on cpu", 2),
+    "cuda-graphs-torchrun": (cuda_graphs_torchrun, "train.cuda_graphs = true runs in one process; under torchrun (2 ranks)", 2),
     "align-with-paper-groups": (sets("prune.align=16"), "prune.align", 2),
     "unknown-groups": (sets("prune.groups=layers"), "prune.groups", 2),
     "bench-threads-not-a-list": (sets("bench.threads=2"), "bench.threads: expected a list", 2),

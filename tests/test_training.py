@@ -107,3 +107,48 @@ def test_precision_and_channels_last_train_like_the_default(precision, channels_
     tol = 1e-5 if precision == "fp32" else 5e-3   # NHWC only reorders sums; bf16 keeps ~3 significant digits
     assert abs(loss_a - loss_b) <= tol * max(1.0, abs(loss_a))
     assert (w_a - w_b).abs().max() <= (1e-5 if precision == "fp32" else 5e-3)
+
+
+def test_train_step_is_the_plain_adversarial_step():
+    """TrainStep (what train_epoch and bench-train --variants run) against the step written out by hand: attack,
+    cross-entropy, backward, the sparsifier's regularize, SGD, pull. Bit-identical on the CPU, noise included."""
+    import torch.nn.functional as F
+
+    from pipeline.algorithms.attacks import make_attack
+    from pipeline.algorithms.groups import paper_families
+    from pipeline.algorithms.rgsm import RGSM
+    from pipeline.training import TrainStep
+
+    attack = make_attack("pgd", eps=8 / 255, step=2 / 255, steps=2, random_start=True)
+    x = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 10, (8,), generator=torch.Generator().manual_seed(2))
+    finals = []
+    for by_hand in (True, False):
+        torch.manual_seed(0)
+        model = models.create_model("test_resnet", ensemble=2, noise_coef=0.1).train()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        rgsm = RGSM(paper_families(model), beta=1.0, lambda1=0.5, lambda2=1e-3)
+        gen = torch.Generator().manual_seed(3)
+        step = TrainStep(model, opt, attack=attack, attack_generator=gen, sparsifier=rgsm)
+        for _ in range(3):
+            if by_hand:
+                x_adv = attack(model, x, y, gen)
+                loss = F.cross_entropy(model(x_adv), y)
+                opt.zero_grad()
+                loss.backward()
+                rgsm.regularize()
+                opt.step()
+                rgsm.pull(0.05)
+            else:
+                loss, _ = step(x, y)
+        finals.append((float(loss.detach()), torch.cat([p.detach().flatten() for p in model.parameters()])))
+    assert finals[0][0] == finals[1][0]
+    assert torch.equal(finals[0][1], finals[1][1])
+
+
+def test_train_step_refuses_cuda_graphs_off_the_gpu():
+    from pipeline.training import TrainStep
+
+    model = models.create_model("test_resnet", ensemble=1, noise_coef=0.0)
+    with pytest.raises(ValueError, match="cuda_graphs needs the model on a CUDA device, not cpu"):
+        TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.1), attack=None, cuda_graphs=True)

@@ -1,7 +1,8 @@
 """Attacks on classifiers that take images in [0, 1]; L-inf unless the name says otherwise.
 
 Every attack is a pure function ``(model, x, y, *, hyper-parameters, generator) -> x_adv``: batched, no I/O, no
-device choice. Its own randomness (random starts) comes from the explicit ``generator``; a stochastic model's
+device choice. Its own randomness (random starts) comes from the explicit ``generator`` (on a GPU, ``None`` or a
+CUDA generator draws on the device); a stochastic model's
 test-time noise draws from torch's global RNG, which the caller seeds. The model's train/eval mode is left as the
 caller set it.
 
@@ -57,7 +58,12 @@ def _project(x_adv: torch.Tensor, x: torch.Tensor, eps) -> torch.Tensor:
 
 
 def _random_start(x: torch.Tensor, eps: float, generator: torch.Generator | None) -> torch.Tensor:
-    noise = torch.rand(x.shape, generator=generator, device="cpu").to(x.device) * 2 - 1
+    if x.is_cuda and (generator is None or generator.device.type == "cuda"):
+        # drawn on the GPU: no host round trip, and capturable in a CUDA graph (default generator)
+        noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    else:   # a CPU generator: the same draws whatever the device, as the CPU tests pin them
+        noise = torch.rand(x.shape, generator=generator, device="cpu").to(x.device)
+    noise = noise * 2 - 1
     return (x + eps * noise).clamp(0, 1)
 
 

@@ -48,7 +48,8 @@ def run(ctx: StageContext) -> StageResult:
     sparsifier = make_sparsifier(model, cfg, device)
     ctx.log(describe_sparsifier(sparsifier, cfg))
     world = distributed.active()
-    trained = distributed.prepare(model, world, device, cfg.train.batch_size, ctx.log)   # `model` stays unwrapped
+    trained = distributed.prepare(model, world, device, cfg.train.batch_size, ctx.log,
+                                  cfg.train.cuda_graphs)   # `model` stays unwrapped
     optimizer = None
     attack = training_attack(cfg)
     log_lines, before_final, start = [], {}, 0
@@ -66,7 +67,8 @@ def run(ctx: StageContext) -> StageResult:
                             generator=generator, augment=cfg.train.augment, device=device, sparsifier=sparsifier,
                             progress=f"prune {epoch + 1}/{p.epochs}", precision=cfg.train.precision,
                             channels_last=cfg.train.channels_last, world=world,
-                            attack_generator=distributed.epoch_attack_generator(cfg.seed + 1, epoch, world))
+                            attack_generator=distributed.epoch_attack_generator(cfg.seed + 1, epoch, world),
+                            cuda_graphs=cfg.train.cuda_graphs)
         last = epoch == p.epochs - 1
         if last:
             before_final = sparsity_metrics(model, p.zero_tol)

@@ -68,7 +68,8 @@ def run(ctx: StageContext) -> StageResult:
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
     world = distributed.active()
-    trained = distributed.prepare(model, world, device, t.batch_size, ctx.log)   # `model` stays unwrapped
+    trained = distributed.prepare(model, world, device, t.batch_size, ctx.log,
+                                  cfg.train.cuda_graphs)   # `model` stays unwrapped
     optimizer = None
     attack = training_attack(cfg)
     select_on = "val_robust" if validation_attack(cfg) is not None else "val_natural"
@@ -89,7 +90,7 @@ def run(ctx: StageContext) -> StageResult:
         stats = train_epoch(trained, train, optimizer, batch_size=t.batch_size, attack=attack, generator=generator,
                             augment=t.augment, device=device, progress=f"train {epoch + 1}/{t.epochs}",
                             precision=t.precision, channels_last=t.channels_last, world=world,
-                            attack_generator=attack_gen)
+                            attack_generator=attack_gen, cuda_graphs=t.cuda_graphs)
         distributed.end_epoch(model, world)
         stats.update(validate(model, val_eval, cfg, device, generator))
         stats["epoch"] = epoch + 1
