@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
-    from .config import flatten, load_config
+    from .config import load_config, show_lines
     from .errors import UserError
 
     try:
@@ -113,8 +113,7 @@ def _main(argv: list[str] | None) -> int:
             overrides.append("bench.devices=[" + ", ".join('{target = %s}' % json.dumps(t) for t in targets) + "]")
         cfg = load_config(args.config, overrides)
         if args.command == "show-config":
-            for k, v in flatten(cfg).items():
-                print(f"{k} = {v!r}")
+            print("\n".join(show_lines(cfg)))
             return 0
         if args.command == "bench-train":
             if args.variants:

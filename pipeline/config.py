@@ -6,6 +6,7 @@ the file, the dotted key, what was expected and what was found.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import tomllib
 import types
@@ -472,6 +473,30 @@ def flatten(obj, prefix: str = "") -> dict:
         else:
             out[prefix + f.name] = v
     return out
+
+
+def toml_value(v) -> str:
+    """``v`` as TOML, as a config file or ``--set key=VALUE`` takes it back (``[[bench.devices]]`` entries as
+    inline tables)."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float) and not math.isfinite(v):
+        return "nan" if v != v else ("inf" if v > 0 else "-inf")
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)   # JSON's escapes are TOML's
+    if isinstance(v, (tuple, list)):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    if dataclasses.is_dataclass(v):
+        return "{" + ", ".join(f"{f.name} = {toml_value(getattr(v, f.name))}" for f in dataclasses.fields(v)) + "}"
+    raise TypeError(f"no TOML form for {type(v).__name__}")
+
+
+def show_lines(cfg) -> list[str]:
+    """``pipeline show-config``: one ``key = value`` line per resolved key; a key with no value (TOML has no
+    null) as a comment."""
+    return [f"# {k} = (not set)" if v is None else f"{k} = {toml_value(v)}" for k, v in flatten(cfg).items()]
 
 
 def to_dict(cfg) -> dict:

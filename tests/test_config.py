@@ -229,7 +229,26 @@ def test_cli_show_config(tmp_path):
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert "seed = 5" in lines
-    assert "model.arch = 'test_resnet'" in lines
+    assert 'model.arch = "test_resnet"' in lines
+
+
+@pytest.mark.parametrize("name", ["smoke", "quickstart", "paper/en5resnet20_rgsm"])
+def test_show_config_lines_are_toml_that_loads_back(name):
+    """Every line `pipeline show-config` prints is TOML: given back as --set (or as a file) it reproduces the
+    resolved config exactly -- lists, booleans and [[bench.devices]] tables included."""
+    import tomllib
+
+    from pipeline.config import show_lines
+
+    path = REPO / "configs" / f"{name}.toml"
+    cfg = load_config(path, ["bench.devices=[{target = 'host'}, {target = 'aarch64-emu', runs = 3}]"])
+    lines = show_lines(cfg)
+    assert any(line.startswith("bench.devices = [{target = \"host\"") for line in lines)
+    settings = [line for line in lines if not line.startswith("#")]
+    for line in settings:   # each one valid TOML (dotted keys aside)
+        key, _, value = line.partition(" = ")
+        tomllib.loads(key.replace(".", "_") + " = " + value)
+    assert load_config(None, settings) == cfg
 
 
 def test_bench_optimizations_validated(tmp_path):
