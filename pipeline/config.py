@@ -64,6 +64,10 @@ class TrainConfig:
     weight_decay: float = 5e-4
     lr_milestones: tuple[float, ...] = (0.4, 0.6, 0.8)   # fractions of epochs (paper: 80/120/160 of 200)
     lr_gamma: float = 0.1
+    # Linear warm-up of the learning rate over the first this many epochs of the train and the prune stage (0 =
+    # none, the paper). For a batch larger than the paper's 128: lr and prune.lr = 0.1 * batch_size/128 with
+    # about 5 warm-up epochs (linear scaling rule, Goyal et al. 2017; configs/gpu_en5resnet20_rgsm_b512.toml).
+    lr_warmup_epochs: int = 0
     attack: AttackConfig = field(default_factory=AttackConfig)
     val_attack_steps: int = 10      # PGD steps for checkpoint selection on the validation split
     val_subset: int = 0             # 0 = the whole validation split
@@ -256,7 +260,7 @@ CHOICES = {
     "quantize.method": ("minmax", "entropy", "percentile"),
 }
 NON_NEGATIVE = {"threads", "data.val_size", "data.train_subset", "data.test_subset", "train.attack.steps",
-                "train.val_attack_steps", "train.val_subset", "train.checkpoint_every", "train.weight_decay", "prune.lambda1",
+                "train.val_attack_steps", "train.val_subset", "train.checkpoint_every", "train.lr_warmup_epochs", "train.weight_decay", "prune.lambda1",
                 "prune.lambda2", "prune.rvsm_lambda", "eval.pgd_steps", "eval.images", "eval.ifgsm_steps", "eval.cw_steps", "eval.cw_kappa",
                 "eval.sanity_slack_pt", "eval.sweep_steps", "bench.accuracy_subset", "train.attack.eps_255",
                 "eval.eps_255", "bench.warmup"}

@@ -14,12 +14,16 @@ from .data import Split, batches
 from .errors import TrainingDiverged
 
 
-def step_lr(epoch: int, *, base_lr: float, epochs: int, milestones: tuple[float, ...], gamma: float) -> float:
+def step_lr(epoch: int, *, base_lr: float, epochs: int, milestones: tuple[float, ...], gamma: float,
+            warmup_epochs: int = 0) -> float:
     """Step decay at fractions of the run, e.g. (0.4, 0.6, 0.8) of 200 epochs = the paper's 80/120/160.
 
-    A milestone never falls on epoch 0: a short run starts at ``base_lr`` however the fractions round."""
+    A milestone never falls on epoch 0: a short run starts at ``base_lr`` however the fractions round.
+    ``warmup_epochs`` W > 0 ramps the rate linearly over the first W epochs (base_lr·(e+1)/W in epoch e), the
+    gradual warm-up that goes with a learning rate scaled up for a larger batch (Goyal et al., 2017)."""
     passed = sum(epoch >= max(1, round(m * epochs)) for m in milestones)
-    return base_lr * gamma ** passed
+    ramp = min(1.0, (epoch + 1) / warmup_epochs) if warmup_epochs > 0 else 1.0
+    return base_lr * gamma ** passed * ramp
 
 
 def set_lr(optimizer, lr: float) -> None:

@@ -152,3 +152,11 @@ def test_train_step_refuses_cuda_graphs_off_the_gpu():
     model = models.create_model("test_resnet", ensemble=1, noise_coef=0.0)
     with pytest.raises(ValueError, match="cuda_graphs needs the model on a CUDA device, not cpu"):
         TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.1), attack=None, cuda_graphs=True)
+
+
+def test_lr_warmup_ramps_then_follows_the_steps():
+    got = [
+        step_lr(e, base_lr=0.4, epochs=10, milestones=(0.5,), gamma=0.1, warmup_epochs=4) for e in range(10)]
+    assert got[:4] == pytest.approx([0.1, 0.2, 0.3, 0.4])
+    assert got[4] == pytest.approx(0.4) and got[5:] == pytest.approx([0.04] * 5)
+    assert [step_lr(e, base_lr=0.1, epochs=5, milestones=(), gamma=0.1, warmup_epochs=0) for e in range(5)] == [0.1] * 5

@@ -62,7 +62,8 @@ def run(ctx: StageContext) -> StageResult:
         ctx.log(f"resuming after epoch {start}/{p.epochs} from the stage's last checkpoint")
     for epoch in range(start, p.epochs):
         optimizer = epoch_optimizer(optimizer, model, cfg, p.lr)
-        set_lr(optimizer, step_lr(epoch, base_lr=p.lr, epochs=p.epochs, milestones=p.lr_milestones, gamma=p.lr_gamma))
+        set_lr(optimizer, step_lr(epoch, base_lr=p.lr, epochs=p.epochs, milestones=p.lr_milestones, gamma=p.lr_gamma,
+                                  warmup_epochs=cfg.train.lr_warmup_epochs))
         stats = train_epoch(trained, train, optimizer, batch_size=cfg.train.batch_size, attack=attack,
                             generator=generator, augment=cfg.train.augment, device=device, sparsifier=sparsifier,
                             progress=f"prune {epoch + 1}/{p.epochs}", precision=cfg.train.precision,

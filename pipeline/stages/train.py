@@ -85,7 +85,8 @@ def run(ctx: StageContext) -> StageResult:
         ctx.log(f"resuming after epoch {start}/{t.epochs} from the stage's last checkpoint")
     for epoch in range(start, t.epochs):
         optimizer = epoch_optimizer(optimizer, model, cfg, t.lr)
-        set_lr(optimizer, step_lr(epoch, base_lr=t.lr, epochs=t.epochs, milestones=t.lr_milestones, gamma=t.lr_gamma))
+        set_lr(optimizer, step_lr(epoch, base_lr=t.lr, epochs=t.epochs, milestones=t.lr_milestones, gamma=t.lr_gamma,
+                                  warmup_epochs=t.lr_warmup_epochs))
         attack_gen = distributed.epoch_attack_generator(cfg.seed, epoch, world)
         stats = train_epoch(trained, train, optimizer, batch_size=t.batch_size, attack=attack, generator=generator,
                             augment=t.augment, device=device, progress=f"train {epoch + 1}/{t.epochs}",
