@@ -77,13 +77,64 @@ def test_each_member_is_scaled_by_its_own_std():
         assert torch.equal(noise(x), x)
 
 
-def test_grouped_model_trains_in_the_train_stage_and_saves_members(cifar_root, tmp_path):
-    """train with model.ensemble_impl = "grouped": the saved checkpoint is a member list that loads as usual."""
+@pytest.mark.parametrize("method", ["rgsm", "rvsm"])
+def test_sparsifier_on_the_grouped_network_is_the_sparsifier_on_the_members(method):
+    """RGSM's paper groups (per member conv input channel) and RVSM on the grouped network: the same group norms,
+    and gradient, regularizer, SGD step, pull and epoch-end projection give the member list's weights."""
+    from pipeline.algorithms.groups import paper_families
+    from pipeline.algorithms.rgsm import RGSM
+    from pipeline.algorithms.rvsm import RVSM
+
+    members, grouped = _pair()
+    with torch.no_grad():   # make some groups small, so the threshold drops some and keeps others
+        for m in members.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                m.weight[:, ::2] *= 0.05
+    grouped = to_grouped(members)
+    members.train(), grouped.train()
+    fam_m, fam_g = paper_families(members), paper_families(grouped)
+    assert sum(f.width for f in fam_g) == sum(f.width for f in fam_m) == 3 * sum(f.width for f in paper_families(
+        models.create_model("test_resnet", ensemble=1)))
+    norms = lambda fams: torch.sort(torch.cat([f.sq_norms() for f in fams])).values  # noqa: E731
+    torch.testing.assert_close(norms(fam_g), norms(fam_m), rtol=1e-12, atol=0)
+
+    def make(fams):
+        if method == "rgsm":
+            return RGSM(fams, beta=1.0, lambda1=0.02, lambda2=1e-3)
+        return RVSM([f.slices[0].tensor for f in fams], beta=1.0, lam=0.005)
+
+    x, y = torch.rand(8, 3, 32, 32, dtype=torch.float64), torch.randint(0, 10, (8,))
+    for model, fams in ((members, fam_m), (grouped, fam_g)):
+        sparsifier, opt = make(fams), torch.optim.SGD(model.parameters(), lr=0.1)
+        with models.noise_disabled(model):
+            F.cross_entropy(model(x), y).backward()
+        sparsifier.regularize()
+        opt.step()
+        sparsifier.pull(0.1)
+        sparsifier.end_epoch()
+    back = to_members(grouped, models.create_model("test_resnet", ensemble=3).double())
+    for (k, a), b in zip(members.state_dict().items(), back.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12, msg=k)
+    zero = sum(int((f.sq_norms() == 0).sum()) for f in paper_families(members))
+    assert 0 < zero < sum(f.width for f in fam_m)   # the projection dropped some groups, not all
+
+
+def test_grouped_model_trains_and_prunes_in_the_stages_and_saves_members(cifar_root, tmp_path, capsys):
+    """train and prune (RGSM) with model.ensemble_impl = "grouped": both checkpoints are member lists that load
+    as usual, and the pruned one's zero channels are what the prune stage reported."""
+    import json
+
+    from pipeline.algorithms.sparsity import sparsity_metrics
     from pipeline.cli import main
     from pipeline.runio import load_model
 
     out = tmp_path / "run"
-    assert main(["run", "--config", "configs/smoke.toml", "--until", "train", "--set", "model.ensemble_impl=grouped",
+    assert main(["run", "--config", "configs/smoke.toml", "--until", "prune", "--set", "model.ensemble_impl=grouped",
                  "--out", str(out)]) == 0
     model = load_model(out / "train" / "model.pt", out / "train" / "model.json")
     assert isinstance(model, models.Ensemble) and len(model.members) == 2
+    pruned = load_model(out / "prune" / "model.pt", out / "prune" / "model.json")
+    assert isinstance(pruned, models.Ensemble) and len(pruned.members) == 2
+    reported = json.loads((out / "manifest.json").read_text())["stages"]["prune"]["metrics"]
+    assert reported["zero_channels"] == sparsity_metrics(pruned)["zero_channels"] > 0
+    assert "[prune] pruning the 2 members as one grouped-convolution network" in capsys.readouterr().out

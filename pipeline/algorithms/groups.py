@@ -69,6 +69,33 @@ class ChannelFamily:
         return sum(s.group_numel for s in self.slices)
 
 
+@dataclass(frozen=True)
+class MemberBlockSlice:
+    """The paper's groups of a conv of the grouped ensemble (models/grouped.py), whose weight ``[n·C_out, C_in,
+    k, k]`` stacks the n members' kernels: group ``m·C_in + i`` is member m's input slice ``W[m·C_out:(m+1)·C_out,
+    i]`` -- exactly member m's group i in the member list. Same interface as ``Slice`` for RGSM."""
+    name: str
+    tensor: torch.Tensor
+    members: int
+
+    def _blocks(self, t: torch.Tensor) -> torch.Tensor:
+        return t.view(self.members, t.shape[0] // self.members, t.shape[1], -1)   # [n, C_out, C_in, k·k]
+
+    def sq_norms(self) -> torch.Tensor:
+        return self._blocks(self.tensor.detach()).pow(2).sum(dim=(1, 3)).flatten()
+
+    def along_dim(self, values: torch.Tensor, fill: float) -> torch.Tensor:
+        """``values`` (one per group) broadcast over each group's elements (every element is in a group, so
+        ``fill`` is never used)."""
+        n, c_out, c_in = self.members, self.tensor.shape[0] // self.members, self.tensor.shape[1]
+        v = values.to(self.tensor.dtype).view(n, 1, c_in).expand(n, c_out, c_in).reshape(n * c_out, c_in)
+        return v.view(n * c_out, c_in, *([1] * (self.tensor.dim() - 2)))
+
+    @property
+    def group_numel(self) -> int:
+        return self.tensor.numel() // (self.members * self.tensor.shape[1])
+
+
 def input_channel_family(name: str, weight: torch.Tensor) -> ChannelFamily:
     """The paper's groups of one conv weight: its input-channel slices ``W[:, i]``."""
     index = torch.arange(weight.shape[1], device=weight.device)
@@ -76,7 +103,14 @@ def input_channel_family(name: str, weight: torch.Tensor) -> ChannelFamily:
 
 
 def paper_families(model: nn.Module) -> list[ChannelFamily]:
-    """The paper's groups: the input-channel slices of every Conv2d, stem and 1x1 shortcuts included."""
+    """The paper's groups: the input-channel slices of every Conv2d, stem and 1x1 shortcuts included -- per
+    member, also when ``model`` is the grouped ensemble (one family per grouped conv, n·C_in groups)."""
+    from models.grouped import GroupedEnsemble
+
+    if isinstance(model, GroupedEnsemble):
+        convs = [(name, m.weight) for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+        return [ChannelFamily(name, model.n * w.shape[1], (MemberBlockSlice(f"{name}.weight", w, model.n),))
+                for name, w in convs]
     return [input_channel_family(n, m.weight) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
 
 

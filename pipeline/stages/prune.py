@@ -40,8 +40,23 @@ def run(ctx: StageContext) -> StageResult:
         return StageResult(outputs, {"method": "none", **sparsity_metrics(model, p.zero_tol)})
     train, val, _ = data_splits(cfg)
     val_eval = val.subset(cfg.train.val_subset, cfg.data.split_seed + 3)
+    members = model   # the member list: what is saved and what the sparsity metrics count
+    if cfg.model.ensemble_impl == "grouped":
+        if p.method == "rvsm" or (p.method == "rgsm" and p.groups == "paper"):
+            from models.grouped import to_grouped
+
+            model = to_grouped(model)   # the sparsifier's groups stay per member (groups.paper_families)
+            ctx.log(f"pruning the {cfg.model.ensemble} members as one grouped-convolution network")
+        else:
+            ctx.log(f"prune.method = {p.method!r} with prune.groups = {p.groups!r} runs on the member list "
+                    "(the grouped network is used for RGSM with paper groups and RVSM)")
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
+
+    def member_view():
+        from models.grouped import to_members
+
+        return model if model is members else to_members(model, members)
     state = resume.load(ctx.resume_dir)
     if state is not None:   # weights first: a sparsifier may derive its state from them (ADMM's z)
         model.load_state_dict(state["model"])
@@ -72,11 +87,11 @@ def run(ctx: StageContext) -> StageResult:
                             cuda_graphs=cfg.train.cuda_graphs)
         last = epoch == p.epochs - 1
         if last:
-            before_final = sparsity_metrics(model, p.zero_tol)
+            before_final = sparsity_metrics(member_view(), p.zero_tol)
         sparsifier.end_epoch(last=last)
         distributed.end_epoch(model, world)   # after the projection: the check covers the sparsifier's steps too
         stats.update(validate(model, val_eval, cfg, device, generator))
-        stats.update(sparsity_metrics(model, p.zero_tol))
+        stats.update(sparsity_metrics(member_view(), p.zero_tol))
         if p.groups == "coupled":
             stats["kept_channels"] = sum(sparsifier.kept_widths().values())
         stats["epoch"] = epoch + 1
@@ -89,6 +104,7 @@ def run(ctx: StageContext) -> StageResult:
     # The pruned model is the last projected iterate: earlier epochs are less sparse, so selecting among them
     # on validation accuracy would trade away the sparsity the stage exists for.
     (ctx.out_dir / "epochs.jsonl").write_text("\n".join(log_lines) + "\n")
+    model = member_view()
     outputs = save_model(model, describe(model, cfg.model.arch, model_kwargs(cfg)), ctx.out_dir)
     outputs["epochs_log"] = ctx.out_dir / "epochs.jsonl"
     last = json.loads(log_lines[-1]) if log_lines else {}
