@@ -5,7 +5,7 @@
 #   device tool:  run(command="bash benchmarks/gpu_train_step.sh", timeout_s=540)
 #   by hand:      OUT=/tmp/out bash benchmarks/gpu_train_step.sh
 #
-# Budget (H200, estimated from the issue's probe figures): tests ~1 min, En5 table ~3 min, ResNet20 ~1 min.
+# Budget (H200, estimated from the issue's probe figures): tests ~1 min, En5 tables ~4 min, ResNet20 ~1 min.
 # Each part has its own timeout, so one that hangs leaves the others' logs in $OUT.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -25,6 +25,12 @@ timeout 270 "$PY" -m pipeline.cli bench-train --variants --device cuda \
     --config configs/paper/en5resnet20_rgsm.toml --batches 128,512 --precisions fp32,bf16 \
     --impls members,grouped --channels-last true --cuda-graphs false,true --steps 10 --warmup 5 \
     2>&1 | tee "$OUT/en5resnet20.log"
+
+# The prune stage's step: the same with RGSM's regularize + pull after every step (half of the paper recipe)
+timeout 120 "$PY" -m pipeline.cli bench-train --variants --prune-step --device cuda \
+    --config configs/paper/en5resnet20_rgsm.toml --batches 128 --precisions fp32,bf16 \
+    --impls members,grouped --channels-last true --cuda-graphs false,true --steps 10 --warmup 5 \
+    2>&1 | tee "$OUT/en5resnet20_prune_step.log"
 
 # ResNet20 (target at batch 128: >= 5,000 img/s)
 timeout 90 "$PY" -m pipeline.cli bench-train --variants --device cuda \

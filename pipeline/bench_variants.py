@@ -46,7 +46,7 @@ def equivalence(cfg: RunConfig, device: torch.device) -> dict:
 
 def run_variants(cfg: RunConfig, *, device: torch.device, batches: list[int], precisions: list[str],
                  impls: list[str], channels_last: list[bool], steps: int, warmup: int,
-                 cuda_graphs: list[bool] = (False,)) -> dict:
+                 cuda_graphs: list[bool] = (False,), prune_step: bool = False) -> dict:
     for name, values, allowed in (("--precisions", precisions, ("fp32", "bf16")),
                                   ("--impls", impls, ("members", "grouped"))):
         if not values or any(v not in allowed for v in values):
@@ -57,7 +57,13 @@ def run_variants(cfg: RunConfig, *, device: torch.device, batches: list[int], pr
         raise ConfigError(f"--steps/--warmup: expected > 0 / >= 0, got {steps} / {warmup}")
     if any(cuda_graphs) and device.type != "cuda":
         raise ConfigError(f"--cuda-graphs: true needs --device cuda (CUDA graphs), got device {device}")
+    p = cfg.prune
+    if prune_step and (p.method not in ("rgsm", "rvsm") or (p.method == "rgsm" and p.groups != "paper")):
+        raise ConfigError(f"--prune-step: expected prune.method = \"rgsm\" (paper groups) or \"rvsm\", the sparsifiers "
+                          f"the grouped network runs, got prune.method = {p.method!r}, prune.groups = {p.groups!r}")
     from models.grouped import to_grouped
+
+    from .stages.prune import make_sparsifier
 
     attack = training_attack(cfg)
     seed_everything(cfg.seed)
@@ -75,8 +81,9 @@ def run_variants(cfg: RunConfig, *, device: torch.device, batches: list[int], pr
         x8 = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8, device=device)
         y = torch.randint(0, 10, (batch,), device=device)
         # the train stage's own step (pipeline/training.py): its capture warm-up happens inside `warmup` below
+        sparsifier = make_sparsifier(model, cfg, device) if prune_step else None
         train_step = TrainStep(model, optimizer, attack=attack, precision=precision, cuda_graphs=graphs,
-                               warmup=min(WARMUP_STEPS, max(warmup - 1, 0)))
+                               sparsifier=sparsifier, warmup=min(WARMUP_STEPS, max(warmup - 1, 0)))
 
         def step():
             train_step((x8.float() / 255).contiguous(memory_format=fmt), y)
@@ -94,17 +101,19 @@ def run_variants(cfg: RunConfig, *, device: torch.device, batches: list[int], pr
                      "cuda_graphs": graphs, "images_per_s": batch * steps / seconds})
         print(f"batch {batch:5d} {precision} {impl:8s} channels_last={str(cl):5s} cuda_graphs={str(graphs):5s} "
               f"{rows[-1]['images_per_s']:10.1f} images/s", flush=True)
-        del train_step, model, optimizer
+        del train_step, model, optimizer, sparsifier
     base = rows[0]["images_per_s"]
     for r in rows:
         r["vs_baseline"] = r["images_per_s"] / base
     a = cfg.train.attack
     result = {"model": cfg.model.arch, "ensemble": cfg.model.ensemble, "noise_coef": cfg.model.noise_coef,
+              "step": f"prune ({p.method}, regularize + pull every step)" if prune_step else "train",
               "attack": a.kind if attack is not None else "none", "attack_steps": a.steps if a.kind == "pgd" else 1,
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "threads": torch.get_num_threads(), "steps": steps, "warmup": warmup,
               "equivalence": equivalence(cfg, device), "rows": rows}
-    print(f"\n{result['model']} En{result['ensemble']}, {result['attack']}-{result['attack_steps']}, "
+    print(f"\n{result['step']} step: {result['model']} En{result['ensemble']}, "
+          f"{result['attack']}-{result['attack_steps']}, "
           f"{result['device']}, torch {result['torch']}; baseline = first row")
     print("| batch | precision | impl | channels_last | cuda_graphs | images/s | vs baseline |\n"
           "|---:|---|---|---|---|---:|---:|")

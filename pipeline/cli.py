@@ -64,6 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     tb.add_argument("--channels-last", default="false,true", help="--variants: false and/or true")
     tb.add_argument("--cuda-graphs", default=None,
                     help="--variants: false and/or true (default: both on a CUDA device, false elsewhere)")
+    tb.add_argument("--prune-step", action="store_true",
+                    help="--variants: time the prune stage's step (the config's RGSM/RVSM after every step)")
     tb.add_argument("--steps", type=int, default=20, help="--variants: timed steps per variant")
     tb.add_argument("--warmup", type=int, default=5, help="--variants: untimed steps first")
     dv = sub.add_parser("device", help="set up or check a benchmark device (aarch64-emu: arm64 root under qemu)")
@@ -200,7 +202,8 @@ def _bench_variants(args, cfg) -> int:
     run_variants(cfg, device=device, batches=items("--batches", args.batches, int),
                  precisions=items("--precisions", args.precisions, str), impls=items("--impls", args.impls, str),
                  channels_last=items("--channels-last", args.channels_last, flag), steps=args.steps,
-                 warmup=args.warmup, cuda_graphs=items("--cuda-graphs", graphs, flag))
+                 warmup=args.warmup, cuda_graphs=items("--cuda-graphs", graphs, flag),
+                 prune_step=args.prune_step)
     return 0
 
 

@@ -93,3 +93,21 @@ def test_variants_cuda_graphs_need_a_gpu(capsys):
                  "--cuda-graphs", "true"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["pipeline: error: --cuda-graphs: true needs --device cuda (CUDA graphs), got device cpu"]
+
+
+def test_variants_time_the_prune_step_with_its_sparsifier(capsys):
+    """--prune-step: every variant steps with the config's RGSM (paper groups), on the grouped network too."""
+    import json as _json
+
+    from pipeline.cli import main
+
+    assert main(["bench-train", "--variants", "--prune-step", "--config", "configs/smoke.toml", "--batches", "4",
+                 "--precisions", "fp32", "--impls", "members,grouped", "--channels-last", "false",
+                 "--steps", "1", "--warmup", "0"]) == 0
+    out = capsys.readouterr().out
+    result = _json.loads(out.strip().splitlines()[-1])
+    assert result["step"].startswith("prune (rgsm") and "prune (rgsm, regularize + pull every step) step:" in out
+    assert {r["impl"] for r in result["rows"]} == {"members", "grouped"}
+    assert main(["bench-train", "--variants", "--prune-step", "--config", "configs/smoke.toml",
+                 "--set", "prune.method=admm"]) == 2
+    assert "--prune-step: expected prune.method" in capsys.readouterr().err
