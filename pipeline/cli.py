@@ -303,7 +303,10 @@ def _torchrun(nproc: int, argv: list[str] | None) -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "pipeline.cli", *rest]
     print("running: " + " ".join(cmd[1:]), flush=True)
-    return subprocess.run(cmd).returncode
+    from .distributed import die_with_parent
+
+    launcher = os.getpid()
+    return subprocess.run(cmd, preexec_fn=lambda: die_with_parent(parent_pid=launcher)).returncode
 
 
 def _warn_failed_devices(report: dict) -> None:

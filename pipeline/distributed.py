@@ -17,12 +17,15 @@ Semantics (documented in the README):
 - the prune stage's sparsifier (RGSM, RVSM, ADMM) runs on every rank on the DDP-averaged gradients and equal
   weights, so its steps and epoch-end projections are the same everywhere (the weight check covers them too);
 - only rank 0 checkpoints; the checkpoint holds no per-rank state, so ``kill -9`` and a rerun with another
-  ``--nproc`` resumes from it (multi-node: the run folder must be on a shared filesystem).
+  ``--nproc`` resumes from it (multi-node: the run folder must be on a shared filesystem);
+- every rank, and torchrun under ``pipeline run --nproc``, dies with its parent (``die_with_parent``).
 """
 from __future__ import annotations
 
 import datetime
 import os
+import signal
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +44,26 @@ class World:
         return self.rank == 0
 
 
+def die_with_parent(sig: int = signal.SIGTERM, parent_pid: int | None = None) -> None:
+    """Have the kernel send ``sig`` to this process when its parent exits (Linux; elsewhere nothing happens).
+
+    torchrun starts each rank in a session of its own, so a ``kill -9`` of ``pipeline run --nproc`` or of
+    torchrun would leave the ranks running on, holding the run folder's lock and the GPUs. With this, the
+    launcher's death stops torchrun, and torchrun's death stops the ranks; a rerun then resumes from the last
+    checkpoint. ``parent_pid``: the parent expected, in case it died before this call."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(sig), 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if parent_pid is not None and os.getppid() != parent_pid:
+        os.kill(os.getpid(), sig)
+
+
 def world_from_env() -> World:
     return World(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
 
@@ -52,6 +75,7 @@ def init(device: torch.device | str = "cpu") -> World | None:
     world = world_from_env()
     if world.size == 1:
         return None
+    die_with_parent()
     if torch.device(device).type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))   # one GPU per process
     if not dist.is_initialized():

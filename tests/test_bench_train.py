@@ -95,19 +95,26 @@ def test_variants_cuda_graphs_need_a_gpu(capsys):
     assert err == ["pipeline: error: --cuda-graphs: true needs --device cuda (CUDA graphs), got device cpu"]
 
 
-def test_variants_time_the_prune_step_with_its_sparsifier(capsys):
-    """--prune-step: every variant steps with the config's RGSM (paper groups), on the grouped network too."""
+def test_variants_time_the_prune_step_with_its_sparsifier(capsys, monkeypatch):
+    """--prune-step: every step of every variant (warm-up and timed) regularizes and pulls with the config's RGSM
+    (paper groups), on the grouped network too."""
     import json as _json
 
+    from pipeline.algorithms.rgsm import RGSM
     from pipeline.cli import main
 
+    calls = []
+    pull = RGSM.pull
+    monkeypatch.setattr(RGSM, "pull", lambda self, lr: (calls.append(len(self.families)), pull(self, lr))[1])
     assert main(["bench-train", "--variants", "--prune-step", "--config", "configs/smoke.toml", "--batches", "4",
                  "--precisions", "fp32", "--impls", "members,grouped", "--channels-last", "false",
-                 "--steps", "1", "--warmup", "0"]) == 0
+                 "--steps", "2", "--warmup", "1"]) == 0
     out = capsys.readouterr().out
     result = _json.loads(out.strip().splitlines()[-1])
     assert result["step"].startswith("prune (rgsm") and "prune (rgsm, regularize + pull every step) step:" in out
-    assert {r["impl"] for r in result["rows"]} == {"members", "grouped"}
+    assert [r["impl"] for r in result["rows"]] == ["members", "members", "grouped"]   # baseline first
+    # 3 steps per variant; the member list has a family per member conv, the grouped net one per grouped conv
+    assert len(calls) == 9 and calls[0] == calls[3] == 2 * calls[6]
     assert main(["bench-train", "--variants", "--prune-step", "--config", "configs/smoke.toml",
                  "--set", "prune.method=admm"]) == 2
     assert "--prune-step: expected prune.method" in capsys.readouterr().err

@@ -11,10 +11,10 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _run(out: Path, *extra: str) -> subprocess.CompletedProcess:
+def _run(out: Path, *extra: str, until: str = "prune") -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     return subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "--config", "configs/smoke.toml", "--out",
-                           str(out), "--until", "prune", *extra], cwd=REPO, env=env, capture_output=True, text=True,
+                           str(out), "--until", until, *extra], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=600)
 
 
@@ -64,6 +64,51 @@ def test_two_ranks_train_like_one_process(runs, stage):
     if stage == "prune":
         assert s["channel_sparsity"] > 0   # the smoke config prunes something, so the comparison means something
         assert abs(d["channel_sparsity"] - s["channel_sparsity"]) <= 5.0, (d["channel_sparsity"], s["channel_sparsity"])
+
+
+def _processes_of(out: Path) -> list[int]:
+    """Live processes whose command line names ``out`` (the launcher, torchrun, every rank)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and str(out) in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode():
+                pids.append(int(proc.name))
+        except OSError:
+            pass
+    return pids
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the ranks' parent-death signal is Linux's")
+def test_kill_9_of_the_launcher_stops_every_rank_and_one_process_resumes(cifar_root, tmp_path):
+    """kill -9 of `pipeline run --nproc 2` after the train stage's first checkpoint: torchrun and both ranks stop
+    (torchrun starts each rank in a session of its own, so nothing else would stop them), the folder is free, and
+    a rerun on ONE process resumes the 2-rank checkpoint and finishes the stage."""
+    import time
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "pipeline.cli", "run", "--config", "configs/smoke.toml", "--out", str(out),
+           "--until", "train", "--set", "train.epochs=3", "--nproc", "2"]
+    launcher = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO)),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not list(out.glob(".train.resume*/state.pt")):
+            assert launcher.poll() is None and time.monotonic() < deadline, "no checkpoint from the 2-rank run"
+            time.sleep(0.05)
+        launcher.kill()
+        launcher.wait()
+        deadline = time.monotonic() + 30
+        while _processes_of(out) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _processes_of(out), "ranks outlived their launcher"
+    finally:
+        launcher.kill()
+    assert not (out / "train").exists()   # killed mid-stage: nothing published yet
+    rerun = _run(out, "--set", "train.epochs=3", until="train")
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "[train] resuming after epoch " in rerun.stdout
+    assert _manifest(out)["stages"]["train"]["metrics"]["world_size"] == 1
+    assert len(_epochs(out, "train")) == 3
 
 
 def test_nproc_inside_torchrun_is_refused(tmp_path, monkeypatch, capsys):
