@@ -91,16 +91,17 @@ def aligned_group_l0_keep(sq_norms: torch.Tensor, lam: float, beta: float, align
     if align == 1 and min_keep == 0:
         # the unconstrained case is the plain hard threshold: stay on the tensor's device (no host sync per step)
         return 0.5 * beta * sq_norms > lam
+    # all on the tensor's device, k included: on a GPU no step waits for the host
     n = sq_norms.numel()
-    s = sq_norms.detach().double().cpu()
+    s = sq_norms.detach().double()
     order = torch.sort(s, descending=True, stable=True).indices
-    dropped_after = s.sum() - torch.cat([torch.zeros(1, dtype=s.dtype), torch.cumsum(s[order], 0)])
-    ks = torch.tensor(allowed_widths(n, align, min_keep))
+    dropped_after = s.sum() - torch.cat([torch.zeros(1, dtype=s.dtype, device=s.device), torch.cumsum(s[order], 0)])
+    ks = torch.tensor(allowed_widths(n, align, min_keep), device=s.device)
     cost = lam * ks.double() + 0.5 * beta * dropped_after[ks]
-    k = int(ks[int(torch.argmin(cost))])   # argmin returns the first minimum: ties keep fewer groups
-    keep = torch.zeros(n, dtype=torch.bool)
-    keep[order[:k]] = True
-    return keep.to(sq_norms.device)
+    k = ks[torch.argmin(cost)]   # argmin returns the first minimum: ties keep fewer groups
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(n, device=s.device)   # each group's place in the sorted order
+    return rank < k
 
 
 class RGSM:
