@@ -79,6 +79,9 @@ class TrainStep:
             if attack_generator is not None:
                 raise ValueError("cuda_graphs: the attack must draw from the default CUDA generator "
                                  "(attack_generator=None)")
+        if self.device.type == "cuda":
+            # the batch shapes are fixed: let cuDNN time its algorithms once per shape (process-wide setting)
+            torch.backends.cudnn.benchmark = True
         self.cuda_graphs = cuda_graphs
         self.graph = None
         self.graph_shape = None
