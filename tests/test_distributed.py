@@ -87,7 +87,7 @@ def test_kill_9_of_the_launcher_stops_every_rank_and_one_process_resumes(cifar_r
 
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "pipeline.cli", "run", "--config", "configs/smoke.toml", "--out", str(out),
-           "--until", "train", "--set", "train.epochs=3", "--nproc", "2"]
+           "--until", "train", "--set", "train.epochs=2", "--nproc", "2"]
     launcher = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO)),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -104,11 +104,11 @@ def test_kill_9_of_the_launcher_stops_every_rank_and_one_process_resumes(cifar_r
     finally:
         launcher.kill()
     assert not (out / "train").exists()   # killed mid-stage: nothing published yet
-    rerun = _run(out, "--set", "train.epochs=3", until="train")
+    rerun = _run(out, "--set", "train.epochs=2", until="train")
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "[train] resuming after epoch " in rerun.stdout
     assert _manifest(out)["stages"]["train"]["metrics"]["world_size"] == 1
-    assert len(_epochs(out, "train")) == 3
+    assert len(_epochs(out, "train")) == 2
 
 
 def test_nproc_inside_torchrun_is_refused(tmp_path, monkeypatch, capsys):

@@ -23,6 +23,9 @@ DEVICES = ('bench.devices=[{target="host"}, {target="ssh://nobody@127.0.0.1:1", 
            'timeout_s=30}]')
 ONLY_DETERMINISTIC = ("--set", "eval.per_sample_too=false", "--set", 'export.noise_variants=["deterministic"]',
                       "--set", "quantize.enabled=false")
+# the later runs check the runner, pruning and re-evaluation, not the attacks: two attacks, two radii
+LIGHT_EVAL = ("--set", 'eval.attacks=["fgsm", "pgd"]', "--set", "eval.pgd_restarts=1",
+              "--set", "eval.sweep_eps_255=[0, 8]")
 ARTIFACTS = ["dense", "dense_per_sample", "dense_stochastic", "pruned", "pruned_per_sample", "pruned_stochastic"]
 
 
@@ -86,11 +89,11 @@ def smoke(cifar_root, tmp_path_factory) -> Smoke:
     onnx_files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.onnx"))
     second = _cli(out)
     # the later runs test the runner, pruning and re-evaluation; the deployable variants were checked above
-    third = _cli(out, "--set", "prune.lambda1=1.0", *ONLY_DETERMINISTIC)
+    third = _cli(out, "--set", "prune.lambda1=1.0", *ONLY_DETERMINISTIC, *LIGHT_EVAL)
     third_manifest = json.loads((out / "manifest.json").read_text()) if (out / "manifest.json").exists() else {}
     re_eval = _cli_eval(out, "--set", "eval.avg_passes=2")
     re_eval_manifest = json.loads((out / "manifest.json").read_text())
-    coupled = _cli(out, "--set", "prune.groups=coupled", "--set", "prune.align=4", *ONLY_DETERMINISTIC)
+    coupled = _cli(out, "--set", "prune.groups=coupled", "--set", "prune.align=4", *ONLY_DETERMINISTIC, *LIGHT_EVAL)
     coupled_report = json.loads((out / "report.json").read_text()) if coupled.proc.returncode == 0 else {}
     return Smoke(out, first, report, report_md, manifest, onnx_files, second, third, third_manifest, coupled,
                  coupled_report, re_eval, re_eval_manifest)
