@@ -2,9 +2,8 @@
 
 Every attack is a pure function ``(model, x, y, *, hyper-parameters, generator) -> x_adv``: batched, no I/O, no
 device choice. Its own randomness (random starts) comes from the explicit ``generator`` (on a GPU, ``None`` or a
-CUDA generator draws on the device); a stochastic model's
-test-time noise draws from torch's global RNG, which the caller seeds. The model's train/eval mode is left as the
-caller set it.
+CUDA generator draws on the device); a stochastic model's test-time noise draws from torch's global RNG, which
+the caller seeds. The model's train/eval mode is left as the caller set it.
 
 - The paper's columns exactly as its reference evaluation script ran them (``../shared/paper`` §2.3): ``fgsm``,
   ``ifgsm`` (no random start) and ``cw_paper`` (a deliberately weak C&W variant: see its docstring).
