@@ -44,6 +44,35 @@ def equivalence(cfg: RunConfig, device: torch.device) -> dict:
     return out
 
 
+def _images_per_s(cfg: RunConfig, device: torch.device, attack, *, batch: int, precision: str, impl: str,
+                  channels_last: bool, cuda_graphs: bool, prune_step: bool, steps: int, warmup: int) -> float:
+    """One variant on a fresh model: ``warmup`` untimed steps (a CUDA graph's warm-up and capture among them),
+    then ``steps`` timed ones. Everything it allocates (a graph's memory pool too) is freed on return."""
+    from models.grouped import to_grouped
+
+    from .stages.prune import make_sparsifier
+
+    model = create_model(cfg.model.arch, **model_kwargs(cfg)).to(device)
+    if impl == "grouped":
+        model = to_grouped(model)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt).train()
+    optimizer = make_optimizer(model, cfg, cfg.train.lr)
+    x8 = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    # the train stage's own step (pipeline/training.py)
+    step = TrainStep(model, optimizer, attack=attack, precision=precision, cuda_graphs=cuda_graphs,
+                     sparsifier=make_sparsifier(model, cfg, device) if prune_step else None,
+                     warmup=min(WARMUP_STEPS, max(warmup - 1, 0)))
+    for timed in (False, True):
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(steps if timed else warmup):
+            step((x8.float() / 255).contiguous(memory_format=fmt), y)
+        _sync(device)
+    return batch * steps / (time.perf_counter() - start)
+
+
 def run_variants(cfg: RunConfig, *, device: torch.device, batches: list[int], precisions: list[str],
                  impls: list[str], channels_last: list[bool], steps: int, warmup: int,
                  cuda_graphs: list[bool] = (False,), prune_step: bool = False) -> dict:
@@ -57,14 +86,10 @@ def run_variants(cfg: RunConfig, *, device: torch.device, batches: list[int], pr
         raise ConfigError(f"--steps/--warmup: expected > 0 / >= 0, got {steps} / {warmup}")
     if any(cuda_graphs) and device.type != "cuda":
         raise ConfigError(f"--cuda-graphs: true needs --device cuda (CUDA graphs), got device {device}")
-    p = cfg.prune
-    if prune_step and (p.method not in ("rgsm", "rvsm") or (p.method == "rgsm" and p.groups != "paper")):
+    method, groups = cfg.prune.method, cfg.prune.groups
+    if prune_step and (method not in ("rgsm", "rvsm") or (method == "rgsm" and groups != "paper")):
         raise ConfigError(f"--prune-step: expected prune.method = \"rgsm\" (paper groups) or \"rvsm\", the sparsifiers "
-                          f"the grouped network runs, got prune.method = {p.method!r}, prune.groups = {p.groups!r}")
-    from models.grouped import to_grouped
-
-    from .stages.prune import make_sparsifier
-
+                          f"the grouped network runs, got prune.method = {method!r}, prune.groups = {groups!r}")
     attack = training_attack(cfg)
     seed_everything(cfg.seed)
     variants = [(cfg.train.batch_size, "fp32", "members", False, False)]   # the baseline first
@@ -72,42 +97,18 @@ def run_variants(cfg: RunConfig, *, device: torch.device, batches: list[int], pr
                  for g in cuda_graphs if (b, p, i, c, g) != variants[0]]
     rows = []
     for batch, precision, impl, cl, graphs in variants:
-        model = create_model(cfg.model.arch, **model_kwargs(cfg)).to(device)
-        if impl == "grouped":
-            model = to_grouped(model)
-        fmt = torch.channels_last if cl else torch.contiguous_format
-        model = model.to(memory_format=fmt)
-        optimizer = make_optimizer(model, cfg, cfg.train.lr)
-        x8 = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8, device=device)
-        y = torch.randint(0, 10, (batch,), device=device)
-        # the train stage's own step (pipeline/training.py): its capture warm-up happens inside `warmup` below
-        sparsifier = make_sparsifier(model, cfg, device) if prune_step else None
-        train_step = TrainStep(model, optimizer, attack=attack, precision=precision, cuda_graphs=graphs,
-                               sparsifier=sparsifier, warmup=min(WARMUP_STEPS, max(warmup - 1, 0)))
-
-        def step():
-            train_step((x8.float() / 255).contiguous(memory_format=fmt), y)
-
-        model.train()
-        for _ in range(warmup):
-            step()
-        _sync(device)
-        start = time.perf_counter()
-        for _ in range(steps):
-            step()
-        _sync(device)
-        seconds = time.perf_counter() - start
+        rate = _images_per_s(cfg, device, attack, batch=batch, precision=precision, impl=impl, channels_last=cl,
+                             cuda_graphs=graphs, prune_step=prune_step, steps=steps, warmup=warmup)
         rows.append({"batch": batch, "precision": precision, "impl": impl, "channels_last": cl,
-                     "cuda_graphs": graphs, "images_per_s": batch * steps / seconds})
+                     "cuda_graphs": graphs, "images_per_s": rate})
         print(f"batch {batch:5d} {precision} {impl:8s} channels_last={str(cl):5s} cuda_graphs={str(graphs):5s} "
-              f"{rows[-1]['images_per_s']:10.1f} images/s", flush=True)
-        del train_step, model, optimizer, sparsifier
+              f"{rate:10.1f} images/s", flush=True)
     base = rows[0]["images_per_s"]
     for r in rows:
         r["vs_baseline"] = r["images_per_s"] / base
     a = cfg.train.attack
     result = {"model": cfg.model.arch, "ensemble": cfg.model.ensemble, "noise_coef": cfg.model.noise_coef,
-              "step": f"prune ({p.method}, regularize + pull every step)" if prune_step else "train",
+              "step": f"prune ({method}, regularize + pull every step)" if prune_step else "train",
               "attack": a.kind if attack is not None else "none", "attack_steps": a.steps if a.kind == "pgd" else 1,
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "threads": torch.get_num_threads(), "steps": steps, "warmup": warmup,

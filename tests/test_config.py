@@ -81,7 +81,7 @@ def test_wrong_type(tmp_path, text, key, expected, got):
     p = write(tmp_path, text)
     msg = config_error(p)
     assert str(p) in msg and key in msg
-    assert f"expected" in msg and expected in msg and got in msg
+    assert "expected" in msg and expected in msg and got in msg
 
 
 def test_int_accepted_for_float(tmp_path):

@@ -6,7 +6,6 @@ keeps a snapshot of what the first run produced, so the tests below can be read 
 """
 import json
 import os
-import re
 import subprocess
 import sys
 from dataclasses import dataclass
