@@ -12,6 +12,8 @@ import pytest
 from pipeline.config import DeviceConfig
 from pipeline.devices import DeviceError, run_on_device, write_job
 from pipeline.devices import aarch64_emu as emu
+from pipeline.devices.aarch64_emu import cpuinfo, guest
+from pipeline.devices.aarch64_emu import root as emu_root
 
 FEATURES = {
     "cortex-a72": "fp asimd aes pmull sha1 sha2 crc32 cpuid",
@@ -38,7 +40,7 @@ def emu_dev(root: Path | str = "", cpu: str = "neoverse-n1") -> DeviceConfig:
 # ------------------------------------------------------------------------------------------------ cpuinfo text
 @pytest.mark.parametrize("cpu", sorted(emu.CPUS))
 def test_cpuinfo_text_per_cpu_model(cpu):
-    text = emu.cpuinfo_text("  " + FEATURES[cpu] + " \n", emu.CPUS[cpu], 2)
+    text = cpuinfo.cpuinfo_text("  " + FEATURES[cpu] + " \n", emu.CPUS[cpu], 2)
     blocks = text.strip().split("\n\n")
     assert len(blocks) == 2 and text.endswith("\n\n")
     for i, block in enumerate(blocks):
@@ -66,29 +68,29 @@ def test_write_cpuinfo_caches_hwcaps_and_never_writes_through_a_proc_symlink(tmp
         calls.append(cpu)
         return subprocess.CompletedProcess(args, 0, FEATURES[cpu] + "\n", "")
 
-    monkeypatch.setattr(emu, "_guest", fake_guest)
-    monkeypatch.setattr(emu, "qemu_version", lambda qemu=None: "7.2.22")
-    path = emu.write_cpuinfo(root, "cortex-a72", ncpu=3)
+    monkeypatch.setattr(guest, "run_guest", fake_guest)
+    monkeypatch.setattr(guest, "qemu_version", lambda qemu=None: "7.2.22")
+    path = cpuinfo.write_cpuinfo(root, "cortex-a72", ncpu=3)
     assert path == root / "proc" / "cpuinfo"
     assert not (root / "proc").is_symlink() and (root / "proc").is_dir()
     assert list(host_proc.iterdir()) == []
-    assert path.read_text() == emu.cpuinfo_text(FEATURES["cortex-a72"], "0xd08", 3)
-    emu.write_cpuinfo(root, "cortex-a72", ncpu=3)
-    emu.write_cpuinfo(root, "max", ncpu=3)
+    assert path.read_text() == cpuinfo.cpuinfo_text(FEATURES["cortex-a72"], "0xd08", 3)
+    cpuinfo.write_cpuinfo(root, "cortex-a72", ncpu=3)
+    cpuinfo.write_cpuinfo(root, "max", ncpu=3)
     assert calls == ["cortex-a72", "max"]        # read once per CPU model, then cached in the root
     assert "sme" in path.read_text()
-    monkeypatch.setattr(emu, "qemu_version", lambda qemu=None: "8.0")
-    emu.write_cpuinfo(root, "max", ncpu=3)
+    monkeypatch.setattr(guest, "qemu_version", lambda qemu=None: "8.0")
+    cpuinfo.write_cpuinfo(root, "max", ncpu=3)
     assert calls == ["cortex-a72", "max", "max"]   # a different qemu re-reads them
 
 
 def test_hwcaps_failure_is_one_line(tmp_path, monkeypatch):
     root = fake_root(tmp_path / "root")
-    monkeypatch.setattr(emu, "qemu_version", lambda qemu=None: "7.2")
-    monkeypatch.setattr(emu, "_guest", lambda *a, **k: subprocess.CompletedProcess(
+    monkeypatch.setattr(guest, "qemu_version", lambda qemu=None: "7.2")
+    monkeypatch.setattr(guest, "run_guest", lambda *a, **k: subprocess.CompletedProcess(
         a, 1, "", "qemu-aarch64-static: Could not open '/lib/ld-linux-aarch64.so.1': No such file or directory\n"))
     with pytest.raises(DeviceError) as e:
-        emu.hwcaps(root, "neoverse-n1")
+        cpuinfo.hwcaps(root, "neoverse-n1")
     msg = str(e.value)
     assert "\n" not in msg and "aarch64-emu:neoverse-n1" in msg and "ld-linux-aarch64" in msg
 
@@ -96,15 +98,15 @@ def test_hwcaps_failure_is_one_line(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------------------- argv / environment
 def test_qemu_argv_and_clean_guest_env(tmp_path, monkeypatch):
     root = tmp_path / "r"
-    assert emu.qemu_argv(root, ["a.py", "x"]) == ["qemu-aarch64-static", "-L", str(root),
+    assert guest.qemu_argv(root, ["a.py", "x"]) == ["qemu-aarch64-static", "-L", str(root),
                                                   str(root / "usr/bin/python3"), "a.py", "x"]
     base = {"HOME": "/home/u", "PATH": "/x/venv/bin:/usr/bin", "PYTHONPATH": "/host/site", "VIRTUAL_ENV": "/x/venv",
             "LD_LIBRARY_PATH": "/x/lib", "OMP_NUM_THREADS": "1", "SECRET": "s"}
-    env = emu.guest_env("cortex-a72", base=base)
+    env = guest.guest_env("cortex-a72", base=base)
     assert env == {"PATH": "/usr/bin:/bin", "HOME": "/home/u", "LANG": "C.UTF-8", "QEMU_CPU": "cortex-a72",
                    "PYTHONPATH": "/opt/ortsite", "PYTHONNOUSERSITE": "1", "PIPELINE_EMULATED": "1",
                    "OMP_NUM_THREADS": "1"}
-    assert emu.guest_env("max", base={})["HOME"] == "/root"
+    assert guest.guest_env("max", base={})["HOME"] == "/root"
 
 
 def test_default_root_and_dev_root(tmp_path, monkeypatch):
@@ -164,14 +166,14 @@ class FakeRun:
 @pytest.fixture
 def fake_built(tmp_path, monkeypatch):
     root = fake_root(tmp_path / "root")
-    monkeypatch.setattr(emu, "hwcaps", lambda r, cpu, **k: FEATURES[cpu])
-    monkeypatch.setattr(emu.shutil, "which", lambda exe: f"/usr/bin/{exe}")
+    monkeypatch.setattr(cpuinfo, "hwcaps", lambda r, cpu, **k: FEATURES[cpu])
+    monkeypatch.setattr(guest.shutil, "which", lambda exe: f"/usr/bin/{exe}")
     return root
 
 
 def test_run_builds_the_qemu_command(tmp_path, monkeypatch, fake_built):
     fake = FakeRun()
-    monkeypatch.setattr(emu.subprocess, "run", fake)
+    monkeypatch.setattr(guest.subprocess, "run", fake)
     d = job(tmp_path)
     out = run_on_device(emu_dev(fake_built, "max"), d, timeout_s=77)
     assert out == {"runtime": {"emulated": True}}
@@ -180,21 +182,21 @@ def test_run_builds_the_qemu_command(tmp_path, monkeypatch, fake_built):
                             str(d / "device_bench.py"), str(d / "job.json"), str(d / "result.json")]
     assert call["env"]["QEMU_CPU"] == "max" and call["env"]["PIPELINE_EMULATED"] == "1"
     assert call["env"]["PYTHONPATH"] == "/opt/ortsite" and call["cwd"] == str(d) and call["timeout"] == 77
-    assert (fake_built / "proc/cpuinfo").read_text() == emu.cpuinfo_text(FEATURES["max"], "0xd4f", os.cpu_count())
+    assert (fake_built / "proc/cpuinfo").read_text() == cpuinfo.cpuinfo_text(FEATURES["max"], "0xd4f", os.cpu_count())
 
 
 def test_run_failure_and_timeout_are_one_line(tmp_path, monkeypatch, fake_built):
     d = job(tmp_path)
-    monkeypatch.setattr(emu.subprocess, "run", FakeRun(rc=-11, write_result=False, stderr=(
+    monkeypatch.setattr(guest.subprocess, "run", FakeRun(rc=-11, write_result=False, stderr=(
         "Traceback...\nqemu: uncaught target signal 11 (Segmentation fault) - core dumped\n")))
     with pytest.raises(DeviceError) as e:
         emu.run(d, emu_dev(fake_built), 60)
     assert str(e.value) == ("device aarch64-emu:neoverse-n1: benchmark failed under qemu (exit -11): "
                             "qemu: uncaught target signal 11 (Segmentation fault) - core dumped")
-    monkeypatch.setattr(emu.subprocess, "run", FakeRun(timeout=True))
+    monkeypatch.setattr(guest.subprocess, "run", FakeRun(timeout=True))
     with pytest.raises(DeviceError, match=r"^device pi: benchmark did not finish within 60 s under emulation"):
         emu.run(d, DeviceConfig(target="aarch64-emu", name="pi", root=str(fake_built)), 60)
-    monkeypatch.setattr(emu.subprocess, "run", FakeRun(write_result=False))
+    monkeypatch.setattr(guest.subprocess, "run", FakeRun(write_result=False))
     with pytest.raises(DeviceError, match="exited 0 but wrote no"):
         emu.run(d, emu_dev(fake_built), 60)
 
@@ -204,28 +206,28 @@ def test_run_refuses_a_job_shadowed_in_the_root(tmp_path, monkeypatch, fake_buil
     shadow = Path(str(fake_built) + str(d / "job.json"))
     shadow.parent.mkdir(parents=True)
     shadow.write_text("{}")
-    monkeypatch.setattr(emu.subprocess, "run", FakeRun())
+    monkeypatch.setattr(guest.subprocess, "run", FakeRun())
     with pytest.raises(DeviceError, match="would hide the job's"):
         emu.run(d, emu_dev(fake_built), 60)
 
 
 # -------------------------------------------------------------------------------------------------------- setup
 def test_missing_apt_packages_not_root(monkeypatch):
-    monkeypatch.setattr(emu.shutil, "which", lambda exe: None if exe == "qemu-aarch64-static" else "/usr/sbin/x")
-    monkeypatch.setattr(emu.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(guest.shutil, "which", lambda exe: None if exe == "qemu-aarch64-static" else "/usr/sbin/x")
+    monkeypatch.setattr(guest.os, "geteuid", lambda: 1000)
     with pytest.raises(DeviceError) as e:
-        emu._ensure_tools(print)
+        emu_root._ensure_tools(print)
     assert str(e.value) == ("device aarch64-emu: setup needs the apt package(s) qemu-user-static; run "
                             "`sudo sh -c 'apt-get update && apt-get install -y qemu-user-static'` and then "
                             "`pipeline device setup aarch64-emu` again")
 
 
 def test_binfmt_status_says_not_needed(tmp_path, monkeypatch):
-    monkeypatch.setattr(emu, "BINFMT_DIR", tmp_path / "none")
+    monkeypatch.setattr(emu_root, "BINFMT_DIR", tmp_path / "none")
     assert emu.binfmt_status() == "binfmt_misc not mounted; not needed (explicit qemu route)"
     (tmp_path / "b").mkdir()
     (tmp_path / "b/register").write_text("")
-    monkeypatch.setattr(emu, "BINFMT_DIR", tmp_path / "b")
+    monkeypatch.setattr(emu_root, "BINFMT_DIR", tmp_path / "b")
     assert emu.binfmt_status().startswith("binfmt_misc mounted, qemu-aarch64 not registered; not needed")
     (tmp_path / "b/qemu-aarch64").write_text("enabled\ninterpreter /usr/libexec/qemu-binfmt/aarch64-binfmt-P\n")
     assert emu.binfmt_status() == "qemu-aarch64 registered (enabled); not needed (explicit qemu route)"
@@ -247,13 +249,13 @@ def fake_builder(monkeypatch):
         (tmp / emu.SITE.lstrip("/") / "onnxruntime").mkdir(parents=True)
         (tmp / "marker").write_text(str(len(built)))
 
-    monkeypatch.setattr(emu, "_build_root", build)
-    monkeypatch.setattr(emu, "_ensure_tools", lambda log: None)
-    monkeypatch.setattr(emu, "_qemu_bin", lambda label: "qemu-aarch64-static")
-    monkeypatch.setattr(emu, "qemu_version", lambda qemu=None: "7.2.22")
-    monkeypatch.setattr(emu.os, "geteuid", lambda: 0)
-    monkeypatch.setattr(emu, "host_versions", lambda v=None: {"onnxruntime": v or "1.32.0", "numpy": "2.4.6"})
-    monkeypatch.setattr(emu, "_probe_root", lambda root, qemu=emu.QEMU: {
+    monkeypatch.setattr(emu_root, "_build_root", build)
+    monkeypatch.setattr(emu_root, "_ensure_tools", lambda log: None)
+    monkeypatch.setattr(guest, "qemu_bin", lambda label: "qemu-aarch64-static")
+    monkeypatch.setattr(guest, "qemu_version", lambda qemu=None: "7.2.22")
+    monkeypatch.setattr(guest.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(emu_root, "host_versions", lambda v=None: {"onnxruntime": v or "1.32.0", "numpy": "2.4.6"})
+    monkeypatch.setattr(emu_root, "_probe_root", lambda root, qemu=emu.QEMU: {
         "machine": "aarch64", "python": "3.11.2", "numpy": "2.4.6", "providers": ["CPUExecutionProvider"],
         "onnxruntime": json.loads((root / "want.json").read_text()) if (root / "want.json").exists() else None})
     return built
@@ -261,13 +263,13 @@ def fake_builder(monkeypatch):
 
 def test_setup_is_idempotent_and_atomic(tmp_path, fake_builder, monkeypatch):
     # the probe reports the version the builder was asked for
-    real_build = emu._build_root
+    real_build = emu_root._build_root
 
     def build(tmp, versions, log, log_file):
         real_build(tmp, versions, log, log_file)
         (tmp / "want.json").write_text(json.dumps(versions["onnxruntime"]))
 
-    monkeypatch.setattr(emu, "_build_root", build)
+    monkeypatch.setattr(emu_root, "_build_root", build)
     root = tmp_path / "root"
     logs = []
     facts = emu.setup(root, log=logs.append)
@@ -310,10 +312,10 @@ def test_version_mismatch_is_not_stamped(tmp_path, fake_builder):
 
 
 def test_setup_smoke_says_what_to_do_when_qemu_cannot_run_the_root(tmp_path, monkeypatch):
-    monkeypatch.setattr(emu, "_guest", lambda *a, **k: subprocess.CompletedProcess(
+    monkeypatch.setattr(guest, "run_guest", lambda *a, **k: subprocess.CompletedProcess(
         a, 255, "", "qemu-aarch64-static: /r/usr/bin/python3: Invalid ELF image for this architecture\n"))
     with pytest.raises(DeviceError) as e:
-        emu._probe_root(tmp_path)
+        emu_root._probe_root(tmp_path)
     msg = str(e.value)
     assert "\n" not in msg and "cannot run the arm64 python3" in msg and "Invalid ELF image" in msg
     assert "apt-get install --reinstall qemu-user-static" in msg
@@ -322,9 +324,9 @@ def test_setup_smoke_says_what_to_do_when_qemu_cannot_run_the_root(tmp_path, mon
 def test_remove_tree_refuses_mount_points(tmp_path, monkeypatch):
     d = tmp_path / "r"
     (d / "dev").mkdir(parents=True)
-    monkeypatch.setattr(emu, "_mounts_under", lambda p: [str(d / "dev")])
+    monkeypatch.setattr(guest, "mounts_under", lambda p: [str(d / "dev")])
     with pytest.raises(DeviceError, match="refusing to delete"):
-        emu._remove_tree(d)
+        emu_root._remove_tree(d)
     assert d.is_dir()
 
 

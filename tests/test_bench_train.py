@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import load_config
-from pipeline.data import resolve_root
+from pipeline.train.data import resolve_root
 
 REPO = Path(__file__).resolve().parents[1]
 # threads=1: a tiny model gains nothing from more threads and slows badly when the cores are shared.
@@ -28,7 +28,7 @@ def keep_threads():
 
 
 def test_run_bench_reports_both_loops(capsys, keep_threads):
-    from pipeline.bench_train import run_bench
+    from pipeline.tools.bench_train import run_bench
 
     cfg = load_config(None, [*SETS, "train.batch_size=64"])
     out = run_bench(cfg, images=128, workers=0)
@@ -52,7 +52,7 @@ def test_cli_bench_train():
 
 
 def test_rejects_bad_image_count():
-    from pipeline.bench_train import run_bench
+    from pipeline.tools.bench_train import run_bench
     from pipeline.config import ConfigError
 
     with pytest.raises(ConfigError, match="--images"):

@@ -85,10 +85,10 @@ def test_wrong_type(tmp_path, text, key, expected, got):
 
 
 def test_int_accepted_for_float(tmp_path):
-    p = write(tmp_path, "[train]\nlr = 1\n[prune]\nlambda1 = 2\nlr_milestones = [1]\n")
+    p = write(tmp_path, "[train]\nlr = 1\n[prune]\nlr_milestones = [1]\n[prune.rgsm]\nlambda1 = 2\n")
     cfg = load_config(p)
     assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
-    assert cfg.prune.lambda1 == 2.0 and isinstance(cfg.prune.lambda1, float)
+    assert cfg.prune.methods["rgsm"].lambda1 == 2.0 and isinstance(cfg.prune.methods["rgsm"].lambda1, float)
     assert cfg.prune.lr_milestones == (1.0,) and isinstance(cfg.prune.lr_milestones[0], float)
 
 
@@ -100,7 +100,7 @@ def test_int_accepted_for_float(tmp_path):
     ('device = "tpu"\n', "device"),
     ('[model]\narch = "resnet9000"\n', "model.arch"),
     ("[model]\nensemble = 0\n", "model.ensemble"),
-    ("[prune]\nlambda1 = -0.1\n", "prune.lambda1"),
+    ("[prune.rgsm]\nlambda1 = -0.1\n", "prune.rgsm.lambda1"),
     ("[train]\nlr_milestones = [0.6, 0.4]\n", "train.lr_milestones"),
     ("[train]\nlr_milestones = [1.5]\n", "train.lr_milestones"),
 ])
@@ -130,11 +130,11 @@ def test_missing_file(tmp_path):
 # --------------------------------------------------------------------------- --set overrides
 
 def test_set_overrides(tmp_path):
-    p = write(tmp_path, '[prune]\nlambda1 = 0.05\ninit = "finetune"\n[train.attack]\nkind = "pgd"\n')
-    cfg = load_config(p, ["prune.lambda1=0.5", "prune.init=scratch", "train.lr_milestones=[0.5, 0.75]",
+    p = write(tmp_path, '[prune]\ninit = "finetune"\n[prune.rgsm]\nlambda1 = 0.05\n[train.attack]\nkind = "pgd"\n')
+    cfg = load_config(p, ["prune.rgsm.lambda1=0.5", "prune.init=scratch", "train.lr_milestones=[0.5, 0.75]",
                           "train.attack.kind=fgsm_rs", "seed=7", 'name="quoted"', "train.epochs = 3",
                           "data.download=false"])
-    assert cfg.prune.lambda1 == 0.5
+    assert cfg.prune.methods["rgsm"].lambda1 == 0.5
     assert cfg.prune.init == "scratch"                     # bare word -> string
     assert cfg.train.lr_milestones == (0.5, 0.75)           # TOML list -> tuple
     assert cfg.train.attack.kind == "fgsm_rs"               # three levels deep
@@ -290,8 +290,8 @@ def test_bench_threads_and_batches_are_lists():
     ("eval.step_255=100", "eval.step_255"),                 # step larger than the eval radius
     ("train.attack.step_255=9", "train.attack.step_255"),   # pgd step > eps 8
     ("train.lr=nan", "train.lr"),
-    ("prune.beta=inf", "prune.beta"),
-    ("prune.lambda1=-inf", "prune.lambda1"),
+    ("prune.rgsm.beta=inf", "prune.rgsm.beta"),
+    ("prune.rgsm.lambda1=-inf", "prune.rgsm.lambda1"),
     ("model.noise_coef=-0.1", "model.noise_coef"),
     ("train.momentum=2", "train.momentum"),
     ("train.momentum=1", "train.momentum"),
@@ -360,14 +360,14 @@ def test_unknown_section_from_set_blames_set(tmp_path):
 
 @pytest.mark.parametrize("override,message", [
     ("prune.method=obd", "prune.method: expected one of rgsm, rvsm, admm, none"),
-    ("prune.penalty=l2", "prune.penalty: expected one of l0, l1, tl1"),
-    ("prune.sparsity=filter", "prune.sparsity: expected one of elem, channel"),
-    ("prune.rgsm_prox=medium", "prune.rgsm_prox: expected one of hard, soft"),
+    ("prune.rvsm.penalty=l2", "prune.rvsm.penalty: expected one of l0, l1, tl1"),
+    ("prune.admm.sparsity=filter", "prune.admm.sparsity: expected one of elem, channel"),
+    ("prune.rgsm.prox=medium", "prune.rgsm.prox: expected one of hard, soft"),
     ("train.reset_optimizer=batch", "train.reset_optimizer: expected one of never, epoch"),
-    ("prune.percentile=100", "prune.percentile: expected a percentile in [0, 100)"),
-    ("prune.rho=0", "prune.rho: expected > 0"),
-    ("prune.tl1_a=-1", "prune.tl1_a: expected > 0"),
-    ("prune.rvsm_lambda=-1e-6", "prune.rvsm_lambda: expected >= 0"),
+    ("prune.admm.percentile=100", "prune.admm.percentile: expected a percentile in [0, 100)"),
+    ("prune.admm.rho=0", "prune.admm.rho: expected > 0"),
+    ("prune.rvsm.tl1_a=-1", "prune.rvsm.tl1_a: expected > 0"),
+    ("prune.rvsm.lam=-1e-6", "prune.rvsm.lam: expected >= 0"),
 ])
 def test_method_settings_validated(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
@@ -377,7 +377,7 @@ def test_method_settings_validated(override, message):
 def test_method_combinations_validated():
     with pytest.raises(ConfigError, match=r'prune.groups: expected "paper" unless prune.method = "rgsm"'):
         load_config(None, ["prune.method=rvsm", "prune.groups=coupled"])
-    with pytest.raises(ConfigError, match=r'prune.rgsm_prox: expected "hard" when prune.align is not 1'):
-        load_config(None, ["prune.groups=coupled", "prune.align=8", "prune.rgsm_prox=soft"])
-    cfg = load_config(None, ["prune.method=admm", "prune.sparsity=channel", "model.normalize=false"])
-    assert (cfg.prune.method, cfg.prune.sparsity, cfg.model.normalize) == ("admm", "channel", False)
+    with pytest.raises(ConfigError, match=r'prune.rgsm.prox: expected "hard" when prune.align is not 1'):
+        load_config(None, ["prune.groups=coupled", "prune.align=8", "prune.rgsm.prox=soft"])
+    cfg = load_config(None, ["prune.method=admm", "prune.admm.sparsity=channel", "model.normalize=false"])
+    assert (cfg.prune.method, cfg.prune.methods["admm"].sparsity, cfg.model.normalize) == ("admm", "channel", False)

@@ -33,7 +33,7 @@ def test_replays_step_like_the_eager_step():
     """Deterministic model and attack (no noise, no random start): warm-up on batch 0, capture on batch 1, replays
     on batches 2-4 -- every step's loss and the final weights as the eager steps give them."""
     from pipeline.algorithms.attacks import make_attack
-    from pipeline.training import TrainStep
+    from pipeline.train.loop import TrainStep
 
     attack = make_attack("pgd", eps=8 / 255, step=2 / 255, steps=3, random_start=False)
     data = _batches(5)
@@ -53,7 +53,7 @@ def test_replays_draw_fresh_random_numbers():
     """The same batch replayed with lr = 0: with EnResNet's noise and a random start every replay draws anew
     (different losses); with neither, every replay gives the same loss."""
     from pipeline.algorithms.attacks import make_attack
-    from pipeline.training import TrainStep
+    from pipeline.train.loop import TrainStep
 
     (x, y), = _batches(1)
     for noisy in (True, False):
@@ -73,8 +73,8 @@ def test_graphed_epochs_train_like_eager_ones(precision, channels_last, grouped)
     from pipeline.algorithms.groups import paper_families
     from pipeline.algorithms.rgsm import RGSM
     from pipeline.algorithms.sparsity import sparsity_metrics
-    from pipeline.data import Split
-    from pipeline.training import WARMUP_STEPS, train_epoch
+    from pipeline.train.data import Split
+    from pipeline.train.loop import WARMUP_STEPS, train_epoch
 
     attack = make_attack("pgd", eps=8 / 255, step=2 / 255, steps=2, random_start=True)
     g = torch.Generator().manual_seed(5)

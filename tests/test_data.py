@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from pipeline.data import DataError, Split, augment, batches, load_cifar10, train_val_split
+from pipeline.train.data import DataError, Split, augment, batches, load_cifar10, train_val_split
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def test_missing_root_without_download(tmp_path):
 def test_root_from_environment(cifar_root, monkeypatch, cifar):
     # conftest / CI point $PIPELINE_DATA_ROOT at the data; root "" must use it.
     monkeypatch.setenv("PIPELINE_DATA_ROOT", str(cifar_root))
-    from pipeline.data import resolve_root
+    from pipeline.train.data import resolve_root
     assert resolve_root("") == cifar_root
     assert resolve_root("/some/where") == type(cifar_root)("/some/where")
 

@@ -1,6 +1,6 @@
 """The real CLI on configs/smoke.toml: every stage, the report, resume, re-evaluation, and a prune-only rerun.
 
-One module-scoped fixture runs the pipeline several times (fresh, identical rerun, ``--set prune.lambda1``,
+One module-scoped fixture runs the pipeline several times (fresh, identical rerun, ``--set prune.rgsm.lambda1``,
 ``pipeline eval``, coupled groups) and
 keeps a snapshot of what the first run produced, so the tests below can be read in any order.
 """
@@ -88,7 +88,7 @@ def smoke(cifar_root, tmp_path_factory) -> Smoke:
     onnx_files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.onnx"))
     second = _cli(out)
     # the later runs test the runner, pruning and re-evaluation; the deployable variants were checked above
-    third = _cli(out, "--set", "prune.lambda1=1.0", *ONLY_DETERMINISTIC, *LIGHT_EVAL)
+    third = _cli(out, "--set", "prune.rgsm.lambda1=1.0", *ONLY_DETERMINISTIC, *LIGHT_EVAL)
     third_manifest = json.loads((out / "manifest.json").read_text()) if (out / "manifest.json").exists() else {}
     re_eval = _cli_eval(out, "--set", "eval.avg_passes=2")
     re_eval_manifest = json.loads((out / "manifest.json").read_text())
@@ -277,7 +277,7 @@ def test_onnx_accuracy_matches_torch(smoke):
 def test_surgery_checkpoint_loads_weights_only(smoke):
     state = torch.load(smoke.out / "surgery" / "model.pt", weights_only=True, map_location="cpu")
     assert isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())
-    from pipeline.runio import load_model
+    from pipeline.run.checkpoints import load_model
     model = load_model(smoke.out / "surgery" / "model.pt", smoke.out / "surgery" / "model.json").eval()
     with torch.no_grad():
         assert model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
@@ -304,7 +304,7 @@ def test_prune_change_reruns_from_prune(smoke):
     for stage in ("prune", "surgery", "export", "bench"):
         assert f"[{stage}] running" in lines, (stage, run.proc.stdout)
     m = smoke.third_manifest
-    assert m["config"]["prune"]["lambda1"] == 1.0
+    assert m["config"]["prune"]["rgsm"]["lambda1"] == 1.0
     assert all(m["stages"][s]["status"] == "done" for s in STAGES)
     # train's entry is untouched; prune's key changed
     assert m["stages"]["train"]["key"] == smoke.manifest["stages"]["train"]["key"]
@@ -357,7 +357,7 @@ def test_pipeline_eval_reevaluates_without_retraining(smoke):
 
 def test_pipeline_eval_refuses_settings_that_would_retrain(smoke, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "eval", "--run", str(smoke.out), "--set",
-                           "prune.lambda1=0.5"], capture_output=True, text=True, cwd=ROOT, env=_env())
+                           "prune.rgsm.lambda1=0.5"], capture_output=True, text=True, cwd=ROOT, env=_env())
     assert proc.returncode == 2 and "only changes eval.*" in proc.stderr and "Traceback" not in proc.stderr
     proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "eval", "--run", str(tmp_path)],
                           capture_output=True, text=True, cwd=ROOT, env=_env())

@@ -87,12 +87,11 @@ def out_read_only(tmp, prev, mp):
 
 
 def disk_full(tmp, prev, mp):
-    import pipeline.runio as runio
-
-    def full(path, data):
+    def full(path, data, **kw):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
-    mp.setattr(runio, "atomic_write_bytes", full)
-    mp.setattr("pipeline.runner.write_json", lambda path, obj: full(path, b""))
+    mp.setattr("pipeline.core.files.atomic_write_bytes", full)
+    mp.setattr("pipeline.run.checkpoints.atomic_write_bytes", full)
+    mp.setattr("pipeline.run.runner.write_json", lambda path, obj: full(path, b""))
     return ["run", "--config", SMOKE, "--out", str(tmp / "full")]
 
 
@@ -131,7 +130,7 @@ def cuda_graphs_no_gpu(tmp, prev, mp):
 
 def cuda_graphs_torchrun(tmp, prev, mp):
     """Rank 0's view of a 2-rank run (the real torchrun launch is tests/test_distributed.py's business)."""
-    from pipeline import distributed
+    from pipeline.train import distributed
     mp.setattr(distributed, "active", lambda: distributed.World(0, 2))
     mp.setattr(distributed, "broadcast", lambda obj=None: obj)   # no other rank listens here
     return fresh_out_with("device=auto", "train.cuda_graphs=true")(tmp, prev, mp)
@@ -147,7 +146,7 @@ def interrupted_at_start(tmp, prev, mp):
 def internal_error(tmp, prev, mp):
     def bug(*a, **k):
         raise ValueError("an internal bug")
-    mp.setattr("pipeline.runner.run_pipeline", bug)
+    mp.setattr("pipeline.run.runner.run_pipeline", bug)
     return ["run", "--config", SMOKE, "--out", str(tmp / "bug")]
 
 
@@ -162,7 +161,7 @@ CASES = {
     "config-unknown-section": (config_file('name = "x"\n[trian]\nepochs = 3\n'), "unknown key 'trian'", 2),
     "config-unknown-nested-key": (config_file('name = "x"\n[train]\nepoch = 3\n'), "unknown key 'train.epoch'", 2),
     "config-wrong-type": (config_file('name = "x"\n[train]\nepochs = "ten"\n'), "train.epochs: expected int", 2),
-    "set-malformed": (sets("prune.lambda1"), "expected section.key=value", 2),
+    "set-malformed": (sets("prune.rgsm.lambda1"), "expected section.key=value", 2),
     "set-unknown-section": (sets("nosuch.key=1"), "--set: unknown key 'nosuch'", 2),
     "set-into-a-value": (sets("name.x=1"), "'name' is not a section", 2),
     "unknown-arch": (sets("model.arch=resnet1000"), "model.arch", 2),
@@ -170,7 +169,7 @@ CASES = {
     "eps-out-of-range": (sets("train.attack.eps_255=300"), "train.attack.eps_255", 2),
     "eval-step-above-eps": (sets("eval.step_255=100"), "eval.step_255", 2),
     "lr-nan": (sets("train.lr=nan"), "train.lr: expected a finite number", 2),
-    "beta-inf": (sets("prune.beta=inf"), "prune.beta: expected a finite number", 2),
+    "beta-inf": (sets("prune.rgsm.beta=inf"), "prune.rgsm.beta: expected a finite number", 2),
     "negative-noise": (sets("model.noise_coef=-0.1"), "model.noise_coef", 2),
     "momentum-above-one": (sets("train.momentum=2"), "train.momentum", 2),
     "nesterov-without-momentum": (sets("train.momentum=0"), "--set: train.nesterov", 2),
@@ -201,11 +200,11 @@ CASES = {
     "unknown-prune-method": (sets("prune.method=obd"), "prune.method: expected one of rgsm, rvsm, admm, none", 2),
     "coupled-groups-without-rgsm": (sets("prune.method=rvsm", "prune.groups=coupled"),
                                     'prune.groups: expected "paper" unless prune.method = "rgsm"', 2),
-    "admm-percentile-100": (sets("prune.percentile=100"), "prune.percentile: expected a percentile in [0, 100)", 2),
-    "sweep-grid-malformed": (lambda t, p, m: ["sweep", "--config", SMOKE, "--grid", "prune.lambda1", "--out",
-                                              str(p)], "--grid prune.lambda1: expected section.key=value1", 2),
-    "sweep-grid-bad-value": (lambda t, p, m: ["sweep", "--config", SMOKE, "--grid", "prune.lambda1=0.1,-1", "--out",
-                                              str(p)], "--grid point prune.lambda1=-1: prune.lambda1: expected >= 0", 2),
+    "admm-percentile-100": (sets("prune.admm.percentile=100"), "prune.admm.percentile: expected a percentile in [0, 100)", 2),
+    "sweep-grid-malformed": (lambda t, p, m: ["sweep", "--config", SMOKE, "--grid", "prune.rgsm.lambda1", "--out",
+                                              str(p)], "--grid prune.rgsm.lambda1: expected section.key=value1", 2),
+    "sweep-grid-bad-value": (lambda t, p, m: ["sweep", "--config", SMOKE, "--grid", "prune.rgsm.lambda1=0.1,-1", "--out",
+                                              str(p)], "--grid point prune.rgsm.lambda1=-1: prune.rgsm.lambda1: expected >= 0", 2),
     "share-from-missing": (lambda t, p, m: ["run", "--config", SMOKE, "--share-from", str(t / "nope"), "--out",
                                             str(p)], "--share-from", 2),
     "until-unknown-stage": (lambda t, p, m: ["run", "--config", SMOKE, "--until", "deploy", "--out", str(p)],

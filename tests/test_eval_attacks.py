@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from pipeline.algorithms import attacks as A
-from pipeline.robustness import sanity_checks
+from pipeline.algorithms.robustness import sanity_checks
 
 from test_attacks import EPS_TOL, accuracy, assert_feasible, gen, near_edges, random_model, record_iterates
 from test_attacks import trained  # noqa: F401  (fixture: a tiny model trained on a 2-class synthetic task)
@@ -138,6 +138,9 @@ def test_apgd_agrees_with_torchattacks(trained, loss):
         assert ours < accuracy(model, x, y)
 
 
+STRONG = ("pgd", "eot_pgd", "apgd_ce", "apgd_dlr")
+
+
 def test_sanity_checks_catch_a_broken_attack():
     res = {"images": 500, "natural": 50.0, "noise_flip_rate": 0.0,
            "attacks": {"fgsm": {"accuracy": 30.0}, "ifgsm": {"accuracy": 35.0},
@@ -145,10 +148,10 @@ def test_sanity_checks_catch_a_broken_attack():
            "sweep": [{"eps_255": 0, "accuracy": 49.0}, {"eps_255": 2, "accuracy": 40.0},
                      {"eps_255": 4, "accuracy": 41.5}]}
     bad = {c["check"] for c in sanity_checks(res, stochastic=False, slack_pt=1.0, paper_eps=0.031,
-                                              strong_eps=8 / 255) if not c["ok"]}
+                                              strong_eps=8 / 255, strong=STRONG) if not c["ok"]}
     assert bad == {"eps0_equals_natural", "ifgsm_not_above_fgsm", "sweep_eps4_not_above_eps2",
                    "eot_not_above_single_sample"}
     fine = {**res, "attacks": {**res["attacks"], "ifgsm": {"accuracy": 28.0}, "eot_pgd": {"accuracy": 21.0}},
             "sweep": [{"eps_255": 0, "accuracy": 50.0}, {"eps_255": 2, "accuracy": 40.0}]}
     assert all(c["ok"] for c in sanity_checks(fine, stochastic=False, slack_pt=1.0, paper_eps=0.031,
-                                              strong_eps=8 / 255))
+                                              strong_eps=8 / 255, strong=STRONG))

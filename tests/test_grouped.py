@@ -126,7 +126,7 @@ def test_grouped_model_trains_and_prunes_in_the_stages_and_saves_members(cifar_r
 
     from pipeline.algorithms.sparsity import sparsity_metrics
     from pipeline.cli import main
-    from pipeline.runio import load_model
+    from pipeline.run.checkpoints import load_model
 
     out = tmp_path / "run"
     assert main(["run", "--config", "configs/smoke.toml", "--until", "prune", "--set", "model.ensemble_impl=grouped",

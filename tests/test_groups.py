@@ -12,7 +12,7 @@ import models
 from pipeline.algorithms.groups import coupled_families, group_costs, paper_families
 from pipeline.algorithms.rgsm import RGSM, aligned_group_l0_keep, allowed_widths, group_hard_threshold
 from pipeline.algorithms.surgery import remove_dead_channels
-from pipeline.hardware import nchwc_block
+from pipeline.devices.hardware import nchwc_block
 from tests.helpers import randomized_model
 
 

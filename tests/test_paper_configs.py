@@ -83,12 +83,13 @@ def test_config_matches_its_row(path):
     assert p.method == method
     if method != "none":   # pruning jointly with adversarial training from initialisation, same schedule
         assert (p.init, p.epochs, p.lr, p.lr_milestones) == ("scratch", 200, 0.1, (0.4, 0.6, 0.8))
+    s = p.settings
     if method == "rgsm":
-        assert (p.beta, p.lambda1, p.lambda2, p.rgsm_prox, p.groups) == (1.0, hyper["lambda1"], 1e-5, "hard", "paper")
+        assert (s.beta, s.lambda1, s.lambda2, s.prox, p.groups) == (1.0, hyper["lambda1"], 1e-5, "hard", "paper")
     elif method == "rvsm":
-        assert (p.beta, p.rvsm_lambda, p.penalty) == (hyper["beta"], 1e-6, "l0")
+        assert (s.beta, s.lam, s.penalty) == (hyper["beta"], 1e-6, "l0")
     elif method == "admm":
-        assert (p.sparsity, p.rho) == (hyper["sparsity"], 1e-2)
+        assert (s.sparsity, s.rho) == (hyper["sparsity"], 1e-2)
     # the paper's attack constants for A1-A4 and its numbers
     e = cfg.eval
     assert (e.paper_eps_01, e.paper_step_01, e.ifgsm_steps, e.cw_steps, e.cw_lr, e.cw_c) == (0.031, 0.007, 20, 50, 6e-4, 10)

@@ -7,7 +7,7 @@ from export import ort_predict, ort_session
 from export.onnx_export import export_onnx
 from export.quantize import quantize_int8
 from models import create_model
-from pipeline.report import pareto_front
+from pipeline.report.plots import pareto_front
 from pipeline.stages.bench import int8_change, noise_overhead
 
 

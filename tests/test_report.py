@@ -1,5 +1,5 @@
 """Report quality guards: a model at chance, or any failed attack/ONNX check, is a red line, not a number."""
-from pipeline.report import sanity_checks
+from pipeline.report.build import sanity_checks
 
 EMPTY = {"models": {}}
 

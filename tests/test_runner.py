@@ -6,7 +6,9 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import load_config
-from pipeline.runner import LOCK, MANIFEST, RunDirBusy, Stage, StageResult, run_pipeline
+from pipeline.run.manifest import MANIFEST
+from pipeline.run.runner import LOCK, RunDirBusy, run_pipeline
+from pipeline.run.stage import Stage, StageResult
 
 
 class Boom(RuntimeError):
@@ -36,8 +38,8 @@ class Toy:
             (ctx.out_dir / "partial.txt").write_text("half-written\n")
             raise Boom("stage b failed")
         p = ctx.out_dir / "b.txt"
-        p.write_text(upstream + f"b lambda1={ctx.cfg.prune.lambda1}\n")
-        return StageResult({"b": p}, {"lambda1": ctx.cfg.prune.lambda1})
+        p.write_text(upstream + f"b lambda1={ctx.cfg.prune.methods['rgsm'].lambda1}\n")
+        return StageResult({"b": p}, {"lambda1": ctx.cfg.prune.methods["rgsm"].lambda1})
 
     def _c(self, ctx):
         self.calls["c"] += 1
@@ -86,18 +88,18 @@ def test_first_run_runs_all_then_rerun_skips_all(toy, tmp_path):
 
 def test_config_change_reruns_from_the_stage_that_uses_it(toy, tmp_path):
     toy.run(tmp_path)
-    _, ran, logs = toy.run(tmp_path, ["prune.lambda1=0.5"])
+    _, ran, logs = toy.run(tmp_path, ["prune.rgsm.lambda1=0.5"])
     assert ran == {"b", "c"}
     assert "[a] skipped" in logs[0] and "[b] running" in logs
     assert (tmp_path / "c" / "c.txt").read_text() == "a seed=0\nb lambda1=0.5\nc runs=300\n"
     # a section only the last stage uses
-    _, ran, _ = toy.run(tmp_path, ["prune.lambda1=0.5", "bench.runs=7"])
+    _, ran, _ = toy.run(tmp_path, ["prune.rgsm.lambda1=0.5", "bench.runs=7"])
     assert ran == {"c"}
     # a section nobody uses changes nothing
-    _, ran, _ = toy.run(tmp_path, ["prune.lambda1=0.5", "bench.runs=7", "export.opset=19"])
+    _, ran, _ = toy.run(tmp_path, ["prune.rgsm.lambda1=0.5", "bench.runs=7", "export.opset=19"])
     assert ran == set()
     # the first stage's section reruns everything
-    _, ran, _ = toy.run(tmp_path, ["prune.lambda1=0.5", "bench.runs=7", "seed=3"])
+    _, ran, _ = toy.run(tmp_path, ["prune.rgsm.lambda1=0.5", "bench.runs=7", "seed=3"])
     assert ran == {"a", "b", "c"}
     # ... and going back to an earlier config is a change too (no stale skip)
     _, ran, _ = toy.run(tmp_path)
@@ -133,7 +135,7 @@ def test_failing_stage_keeps_previous_outputs(toy, tmp_path):
 
     toy.fail.add("b")
     with pytest.raises(Boom):
-        toy.run(tmp_path, ["prune.lambda1=0.7"])
+        toy.run(tmp_path, ["prune.rgsm.lambda1=0.7"])
     # the previous outputs of b are intact, its half-written new folder is gone
     assert (tmp_path / "b" / "b.txt").read_text() == old_b
     assert not (tmp_path / "b" / "partial.txt").exists()
@@ -148,12 +150,12 @@ def test_failing_stage_keeps_previous_outputs(toy, tmp_path):
 
     # the same failing config fails again: a failed stage is never skipped
     with pytest.raises(Boom):
-        toy.run(tmp_path, ["prune.lambda1=0.7"])
+        toy.run(tmp_path, ["prune.rgsm.lambda1=0.7"])
     assert toy.calls["b"] == 3
 
     # fixed: b and everything after it run; a is still up to date
     toy.fail.clear()
-    _, ran, _ = toy.run(tmp_path, ["prune.lambda1=0.7"])
+    _, ran, _ = toy.run(tmp_path, ["prune.rgsm.lambda1=0.7"])
     assert ran == {"b", "c"}
     assert read_manifest(tmp_path)["stages"]["b"]["status"] == "done"
     assert "last_failure" not in read_manifest(tmp_path)["stages"]["b"]
@@ -164,7 +166,7 @@ def test_failure_under_changed_config_then_original_config_retrains_nothing(toy,
     toy.run(tmp_path)
     toy.fail.add("b")
     with pytest.raises(Boom):
-        toy.run(tmp_path, ["prune.lambda1=0.7"])
+        toy.run(tmp_path, ["prune.rgsm.lambda1=0.7"])
     toy.fail.clear()
     _, ran, logs = toy.run(tmp_path)          # back to the config that produced the finished stages
     assert ran == set(), logs
@@ -183,11 +185,11 @@ def test_failure_on_first_run(toy, tmp_path):
 
 
 def test_manifest_contents(toy, tmp_path):
-    manifest, _, _ = toy.run(tmp_path, ["prune.lambda1=0.25"])
+    manifest, _, _ = toy.run(tmp_path, ["prune.rgsm.lambda1=0.25"])
     on_disk = read_manifest(tmp_path)
     for key in ("config", "versions", "git_commit"):
         assert key in on_disk
-    assert on_disk["config"]["prune"]["lambda1"] == 0.25
+    assert on_disk["config"]["prune"]["rgsm"]["lambda1"] == 0.25
     assert on_disk["config"]["train"]["attack"]["kind"] == "pgd"
     assert on_disk["versions"]["torch"] and on_disk["versions"]["python"]
     assert on_disk["git_commit"] is None or isinstance(on_disk["git_commit"], str)
@@ -203,7 +205,7 @@ def test_manifest_contents(toy, tmp_path):
 @pytest.mark.parametrize("damage", [b"{not json", b"\x00\xff\x10binary", b"[1, 2, 3]", b'{"stages": []}',
                                     b'{"stages": {"a": {"status": "done", "outputs": {"a": "a/a.txt"}}}}'])
 def test_damaged_or_foreign_manifest_refuses_in_one_line(toy, tmp_path, damage):
-    from pipeline.errors import ManifestError
+    from pipeline.core.errors import ManifestError
 
     toy.run(tmp_path)
     (tmp_path / MANIFEST).write_bytes(damage)
@@ -219,7 +221,7 @@ def test_damaged_or_foreign_manifest_refuses_in_one_line(toy, tmp_path, damage):
 # --------------------------------------------------------------------------- code fingerprints
 
 TOY_STAGE = '''from pathlib import Path
-from pipeline.runner import StageResult
+from pipeline.run.stage import StageResult
 {imports}
 
 def run(ctx):
@@ -232,7 +234,7 @@ def run(ctx):
 @pytest.fixture
 def code_toy(tmp_path, monkeypatch):
     """Stages a -> b -> c whose code lives in files under tmp_path: b imports helper.py."""
-    from pipeline.codeprint import code_fingerprint
+    from pipeline.run.fingerprint import code_fingerprint
 
     import uuid
     package = f"toycode_{uuid.uuid4().hex}"   # unique: sys.modules would hand back another test's package
@@ -288,10 +290,12 @@ def test_reuse_stale_keeps_stages_and_records_it(code_toy):
 
 
 def test_stage_code_closure_follows_imports_not_package_inits():
-    from pipeline.codeprint import module_closure
+    from pipeline.run.fingerprint import closure
+    from pipeline.stages import prune as prune_stage, surgery as surgery_stage, train as train_stage
 
-    prune, train, surgery = (module_closure(f"pipeline.stages.{s}") for s in ("prune", "train", "surgery"))
-    assert {"pipeline.algorithms.rgsm", "pipeline.algorithms.groups", "pipeline.training"} <= set(prune)
+    # a stage's code: its module and the implementations its catalog tables name (prune: the sparsifiers)
+    prune, train, surgery = (set(closure(*s.STAGE.code_modules)) for s in (prune_stage, train_stage, surgery_stage))
+    assert {"pipeline.algorithms.rgsm", "pipeline.algorithms.groups", "pipeline.train.loop"} <= set(prune)
     assert "pipeline.algorithms.rgsm" not in train and "pipeline.stages.prune" not in train
     assert "pipeline.algorithms.surgery" in surgery and "pipeline.algorithms.rgsm" not in surgery
     assert "pipeline.stages" not in prune   # the package __init__ gathers every stage: not a dependency
@@ -300,7 +304,7 @@ def test_stage_code_closure_follows_imports_not_package_inits():
 def test_written_files_get_the_umask_mode_not_mkstemps_0600(tmp_path):
     import os
 
-    from pipeline.runio import atomic_write_text
+    from pipeline.core.files import atomic_write_text
 
     old = os.umask(0o022)
     try:

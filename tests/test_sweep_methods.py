@@ -32,7 +32,7 @@ def _ok(proc) -> None:
 def sweep(cifar_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("sweep") / "methods"
     proc = _cli("sweep", "--config", "configs/smoke.toml", "--grid", "prune.method=rvsm,admm",
-                "--set", "prune.rvsm_lambda=1e-3", *CHEAP, "--out", str(out))
+                "--set", "prune.rvsm.lam=1e-3", *CHEAP, "--out", str(out))
     _ok(proc)
     return out, json.loads((out / "sweep.json").read_text()), proc
 
@@ -86,11 +86,11 @@ def test_admm_final_projection_makes_it_sparse(sweep):
 def test_admm_channel_and_rgsm_soft_prune_channels(sweep, tmp_path):
     out, data, _ = sweep
     donor = out / _point(data, "method=rvsm")["run_dir"]
-    for name, sets in (("admm_channel", ["prune.method=admm", "prune.sparsity=channel", "prune.percentile=50"]),
-                       ("rgsm_soft", ["prune.method=rgsm", "prune.rgsm_prox=soft"])):
+    for name, sets in (("admm_channel", ["prune.method=admm", "prune.admm.sparsity=channel", "prune.admm.percentile=50"]),
+                       ("rgsm_soft", ["prune.method=rgsm", "prune.rgsm.prox=soft"])):
         run = tmp_path / name
         proc = _cli("run", "--config", "configs/smoke.toml", *[x for s in sets for x in ("--set", s)],
-                    "--set", "prune.rvsm_lambda=1e-3", *CHEAP, "--share-from", str(donor), "--out", str(run))
+                    "--set", "prune.rvsm.lam=1e-3", *CHEAP, "--share-from", str(donor), "--out", str(run))
         _ok(proc)
         assert "[train] shared: finished with the same key" in proc.stdout
         report = json.loads((run / "report.json").read_text())
@@ -117,10 +117,10 @@ def test_a_failed_point_is_reported_and_the_rest_run(cifar_root, tmp_path):
 
 def test_bad_grid_fails_before_running_anything(tmp_path):
     out = tmp_path / "bad"
-    proc = _cli("sweep", "--config", "configs/smoke.toml", "--grid", "prune.lambda1=0.1,-1", "--out", str(out))
+    proc = _cli("sweep", "--config", "configs/smoke.toml", "--grid", "prune.rgsm.lambda1=0.1,-1", "--out", str(out))
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "pipeline: error: --grid point prune.lambda1=-1: prune.lambda1: expected >= 0, got -1.0"]
+        "pipeline: error: --grid point prune.rgsm.lambda1=-1: prune.rgsm.lambda1: expected >= 0, got -1.0"]
     assert not (out / "points").exists()
     proc = _cli("sweep", "--config", "configs/smoke.toml", "--grid", "prune.nope=1,2", "--out", str(out))
     assert proc.returncode == 2 and "--grid point prune.nope=1: unknown key 'prune.nope'" in proc.stderr

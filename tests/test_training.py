@@ -3,7 +3,7 @@ import torch
 
 import models
 
-from pipeline.training import step_lr
+from pipeline.train.loop import step_lr
 
 
 def lrs(epochs, milestones, base=0.1, gamma=0.1):
@@ -24,9 +24,9 @@ def test_short_runs_start_at_base_lr():
 
 
 def test_nan_loss_stops_training_naming_epoch_and_batch():
-    from pipeline.data import Split
-    from pipeline.errors import TrainingDiverged
-    from pipeline.training import train_epoch
+    from pipeline.train.data import Split
+    from pipeline.core.errors import TrainingDiverged
+    from pipeline.train.loop import train_epoch
 
     torch.manual_seed(0)
     model = models.create_model("test_resnet", ensemble=1, noise_coef=0.0)
@@ -41,7 +41,7 @@ def test_nan_loss_stops_training_naming_epoch_and_batch():
 
 def test_reset_optimizer_epoch_restarts_momentum():
     from pipeline.config import load_config
-    from pipeline.stages.train import epoch_optimizer
+    from pipeline.train.recipe import epoch_optimizer
 
     model = models.create_model("test_resnet", ensemble=1, noise_coef=0.0)
     model(torch.rand(2, 3, 32, 32)).sum().backward()
@@ -57,8 +57,8 @@ def test_reset_optimizer_epoch_restarts_momentum():
 
 def test_prune_stage_drives_every_sparsifier_through_one_protocol():
     """train_epoch calls before_batch / regularize / pull on whatever sparsifier it gets (ADMM needs all three)."""
-    from pipeline.data import Split
-    from pipeline.training import train_epoch
+    from pipeline.train.data import Split
+    from pipeline.train.loop import train_epoch
 
     calls = []
 
@@ -85,8 +85,8 @@ def test_prune_stage_drives_every_sparsifier_through_one_protocol():
 def test_precision_and_channels_last_train_like_the_default(precision, channels_last):
     """bf16 autocast and NHWC tensors are speed options: one epoch from the same start lands near fp32/NCHW."""
     from pipeline.algorithms.attacks import make_attack
-    from pipeline.data import Split
-    from pipeline.training import train_epoch
+    from pipeline.train.data import Split
+    from pipeline.train.loop import train_epoch
 
     torch.manual_seed(0)
     split = Split(torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 10, (64,)))
@@ -117,7 +117,7 @@ def test_train_step_is_the_plain_adversarial_step():
     from pipeline.algorithms.attacks import make_attack
     from pipeline.algorithms.groups import paper_families
     from pipeline.algorithms.rgsm import RGSM
-    from pipeline.training import TrainStep
+    from pipeline.train.loop import TrainStep
 
     attack = make_attack("pgd", eps=8 / 255, step=2 / 255, steps=2, random_start=True)
     x = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
@@ -147,7 +147,7 @@ def test_train_step_is_the_plain_adversarial_step():
 
 
 def test_train_step_refuses_cuda_graphs_off_the_gpu():
-    from pipeline.training import TrainStep
+    from pipeline.train.loop import TrainStep
 
     model = models.create_model("test_resnet", ensemble=1, noise_coef=0.0)
     with pytest.raises(ValueError, match="cuda_graphs needs the model on a CUDA device, not cpu"):

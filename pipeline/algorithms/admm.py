@@ -62,6 +62,10 @@ class ADMM:
         self.u: list[torch.Tensor] = []
         self.start_epoch()
 
+    def describe(self) -> str:
+        return (f"ADMM ({self.sparsity}, {len(self.weights)} conv kernels) rho {self.rho}: keep each layer's top "
+                f"{100 - self.percentile:g} % ({self.percentile:g}th percentile), final projection at the end")
+
     def proj(self, w: torch.Tensor) -> torch.Tensor:
         if self.sparsity == "elem":
             return elem_projection(w, self.percentile)

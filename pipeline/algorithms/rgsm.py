@@ -145,6 +145,13 @@ class RGSM:
             return self.lambda1 / self.beta
         return math.sqrt(2.0 * self.lambda1 / self.beta)
 
+    def describe(self) -> str:
+        rule = f"sqrt(2*{self.lambda1}/{self.beta})" if self.prox == "hard" else \
+            f"{self.lambda1}/{self.beta} (group soft threshold)"
+        scaled = any(c != 1.0 for c in self.scales)
+        return (f"RGSM ({len(self.families)} families, align {self.align}) threshold {rule} = {self.threshold:.4g}"
+                + (" for an average paper group (scaled per family by its cost)" if scaled else ""))
+
     def family_thresholds(self) -> list[float]:
         # hard: the l0 price lambda1·c gives threshold sqrt(2·lambda1·c/beta); soft: a group-lasso weight
         # lambda1·sqrt(c) (Yuan & Lin) gives threshold lambda1·sqrt(c)/beta -- both scale by sqrt(c)

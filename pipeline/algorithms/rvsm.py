@@ -83,6 +83,10 @@ class RVSM:
     def prox(self, w: torch.Tensor) -> torch.Tensor:
         return rvsm_prox(w, self.penalty, self.lam, self.beta, self.a)
 
+    def describe(self) -> str:
+        return (f"RVSM ({self.penalty}, {len(self.weights)} conv kernels) beta {self.beta}, lambda {self.lam}: "
+                f"weights with |w| <= {self.threshold:.4g} are pulled to 0")
+
     def before_batch(self) -> None:
         pass
 

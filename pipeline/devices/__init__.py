@@ -1,5 +1,6 @@
 """Where the ONNX artifacts are benchmarked: ``host``, ``aarch64-emu`` (the real aarch64 onnxruntime build in an
-arm64 Debian root under qemu-user) and ``ssh://user@host[:port]`` (a remote board).
+arm64 Debian root under qemu-user) and ``ssh://user@host[:port]`` (a remote board) -- the kinds of
+pipeline/catalog/devices.py, one transport module each.
 
 Every device runs the same self-contained script (``export/device_bench.py``) on a job folder holding the
 artifacts, the input images and ``job.json``; it writes ``result.json`` there. A transport only moves that folder
@@ -11,13 +12,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import UserError
+from ..catalog.devices import DEVICE_KINDS, device_name, kind_of
+from ..core.errors import UserError
 
 SCRIPT = Path(__file__).resolve().parents[2] / "export" / "device_bench.py"
 
@@ -26,23 +26,9 @@ class DeviceError(UserError, RuntimeError):
     """A device could not be reached or the benchmark failed on it."""
 
 
-def kind_of(target: str) -> str:
-    if target == "host":
-        return "host"
-    if target == "aarch64-emu":
-        return "aarch64-emu"
-    if target.startswith("ssh://"):
-        return "ssh"
-    raise ValueError(f"unknown device target {target!r}: expected host, aarch64-emu or ssh://user@host[:port]")
-
-
-def device_name(dev) -> str:
-    """The label a device's rows carry: its ``name`` or one derived from the target."""
-    if dev.name:
-        return dev.name
-    if dev.target == "aarch64-emu":
-        return f"aarch64-emu:{dev.qemu_cpu}"
-    return dev.target
+def last_line(text: str) -> str:
+    lines = [ln.strip() for ln in (text or "").strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else "no error output"
 
 
 def write_job(job_dir: Path, models: dict[str, Path], inputs: np.ndarray, *, settings: list[dict],
@@ -67,34 +53,9 @@ def write_job(job_dir: Path, models: dict[str, Path], inputs: np.ndarray, *, set
     return job_dir / "job.json"
 
 
-def _run_host(job_dir: Path, dev, timeout_s: float) -> Path:
-    result = job_dir / "result.json"
-    cmd = [sys.executable, str(job_dir / "device_bench.py"), str(job_dir / "job.json"), str(result)]
-    try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        raise DeviceError(f"device {device_name(dev)}: benchmark did not finish within {timeout_s:.0f} s") from None
-    if p.returncode != 0:
-        raise DeviceError(f"device {device_name(dev)}: benchmark failed (exit {p.returncode}): {last_line(p.stderr)}")
-    return result
-
-
-def last_line(text: str) -> str:
-    lines = [ln.strip() for ln in (text or "").strip().splitlines() if ln.strip()]
-    return lines[-1] if lines else "no error output"
-
-
 def run_on_device(dev, job_dir: Path, *, timeout_s: float = 1800.0) -> dict:
-    """Run the job in ``job_dir`` on ``dev``; the parsed result.json, or DeviceError."""
-    kind = kind_of(dev.target)
-    if kind == "host":
-        path = _run_host(job_dir, dev, timeout_s)
-    elif kind == "aarch64-emu":
-        from . import aarch64_emu
-        path = aarch64_emu.run(job_dir, dev, timeout_s)
-    else:
-        from . import ssh
-        path = ssh.run(job_dir, dev, timeout_s)
+    """Run the job in ``job_dir`` on ``dev`` with its kind's transport; the parsed result.json, or DeviceError."""
+    path = DEVICE_KINDS[kind_of(dev.target)].load()(job_dir, dev, timeout_s)
     try:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:

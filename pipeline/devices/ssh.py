@@ -31,8 +31,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from . import DeviceError, device_name, last_line
-from .ssh_target import SshTarget, parse_ssh_target
+from ..catalog.devices import SshTarget, device_name, parse_ssh_target
+from . import DeviceError, last_line
 
 OPTIONS_ENV = "PIPELINE_SSH_OPTIONS"
 DEFAULT_OPTIONS = ("-o", "BatchMode=yes", "-o", "ConnectTimeout=10", "-o", "ServerAliveInterval=15",

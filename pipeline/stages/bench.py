@@ -19,15 +19,18 @@ import shutil
 
 import numpy as np
 
-from ..data import to_float
-from ..runio import load_model, write_json
-from ..runner import Stage, StageContext, StageResult
-from ..training import evaluate
-from .common import data_splits
-from .transfer import artifact_path, artifacts
+from ..catalog.artifacts import AGREEMENT_VARIANTS, DEPLOYED, SOURCES, artifact_name, artifact_path, artifacts
+from ..catalog.devices import DEVICE_KINDS, device_name, kind_of
+from ..core import seeds
+from ..core.files import write_json
+from ..run.checkpoints import load_model
+from ..run.stage import Stage, StageContext, StageResult
+from ..train.data import to_float
+from ..train.loop import evaluate
+from ..train.setup import data_splits
 
-DETERMINISTIC = {"dense": "train", "pruned": "surgery"}   # artifact -> the stage whose torch model it exports
-AGREEMENT_VARIANTS = ("deterministic", "int8")            # the variants whose predictions a device must reproduce
+# the deterministic artifacts (named like their models) -> the stage whose torch model each one exports
+DETERMINISTIC = {artifact_name(m, "deterministic"): SOURCES[m] for m in DEPLOYED}
 
 
 def thread_counts(requested) -> list[int]:
@@ -57,9 +60,7 @@ EMULATED_DEFAULTS = {"runs": 10, "warmup": 2, "batches": [1], "threads": [1], "l
 
 def device_plan(dev, b) -> dict:
     """A device's settings: its own values where set, else the ``[bench]`` ones (emulated: EMULATED_DEFAULTS)."""
-    from pipeline.devices import kind_of
-
-    base = dict(EMULATED_DEFAULTS) if kind_of(dev.target) == "aarch64-emu" else {
+    base = dict(EMULATED_DEFAULTS) if DEVICE_KINDS[kind_of(dev.target)].meta.get("emulated") else {
         "runs": b.runs, "warmup": b.warmup, "batches": list(b.batches), "threads": list(b.threads),
         "levels": list(b.optimizations), "images": 0}
     return {"runs": dev.runs or base["runs"], "warmup": dev.warmup or base["warmup"],
@@ -69,14 +70,15 @@ def device_plan(dev, b) -> dict:
 
 def run(ctx: StageContext) -> StageResult:
     from export import ort_accuracy, ort_predict, ort_session, profile_op_types
-    from pipeline.devices import DeviceError, device_name, kind_of, run_on_device, write_job
+
+    from ..devices import DeviceError, run_on_device, write_job
 
     cfg, b = ctx.cfg, ctx.cfg.bench
     _, _, test = data_splits(cfg)
-    test = test.subset(b.accuracy_subset, cfg.data.split_seed + 4)
+    test = test.subset(b.accuracy_subset, cfg.data.split_seed + seeds.BENCH_SUBSET)
     images, labels = to_float(test.images), test.labels
-    arts = artifacts(ctx)
-    paths = {name: str(artifact_path(ctx, name)) for name in arts}
+    arts = artifacts(ctx.inputs)
+    paths = {name: str(artifact_path(ctx.inputs, name)) for name in arts}
 
     accuracy = {}
     for name, source in DETERMINISTIC.items():
@@ -228,4 +230,4 @@ def int8_change(rows: list[dict], devices: dict) -> list[dict]:
 
 
 STAGE = Stage("bench", sections=("seed", "data", "bench"), inputs=("train", "surgery", "export", "quantize"),
-              run=run)
+              run=run, tables=(DEVICE_KINDS,))

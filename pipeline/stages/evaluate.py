@@ -14,23 +14,13 @@ import torch
 
 from models import noise_mode
 
-from ..data import to_float
-from ..robustness import attack_specs, evaluate_model, sanity_checks
-from ..runio import atomic_write_bytes, load_model
-from ..runner import Stage, StageContext, StageResult
-from .common import data_splits
-
-SOURCES = {"dense": "train", "masked": "prune", "pruned": "surgery"}
-DEPLOYED = ("dense", "pruned")   # the models export turns into ONNX files
-# eval mode -> the model's noise setting (models.noise_mode); "per_sample" matches export's per_sample variant
-NOISE_OF_MODE = {"stochastic": "batch", "noise_off": "off", "per_sample": "per_sample"}
-
-
-def eval_images(cfg):
-    """The evaluated test images (float, [0, 1]) and labels: data.test_subset, then a seeded eval.images subset."""
-    _, _, test = data_splits(cfg)
-    test = test.subset(cfg.eval.images, cfg.data.split_seed + 5)
-    return to_float(test.images), test.labels, test
+from ..algorithms.robustness import evaluate_model, sanity_checks
+from ..catalog.artifacts import DEPLOYED, NOISE_OF_MODE, SOURCES
+from ..catalog.attacks import ATTACKS, attack_specs, names
+from ..core.files import atomic_write_bytes
+from ..run.checkpoints import load_model
+from ..run.stage import Stage, StageContext, StageResult
+from ..train.setup import eval_images
 
 
 def save_examples(path, images: torch.Tensor, examples: dict[str, torch.Tensor]) -> None:
@@ -71,7 +61,8 @@ def run(ctx: StageContext) -> StageResult:
                                            keep_examples=keep)
             res["seconds"] = round(time.perf_counter() - t0, 1)
             res["sanity"] = sanity_checks(res, stochastic=stochastic, slack_pt=e.sanity_slack_pt,
-                                          paper_eps=e.paper_eps_01, strong_eps=e.eps_255 / 255)
+                                          paper_eps=e.paper_eps_01, strong_eps=e.eps_255 / 255,
+                                          strong=names("strong"))
             results[name][mode] = res
             if kept:
                 path = ctx.out_dir / f"adv_{name}_{mode}.npz"
@@ -88,4 +79,5 @@ def run(ctx: StageContext) -> StageResult:
     return StageResult(outputs, metrics)
 
 
-STAGE = Stage("eval", sections=("seed", "data", "model", "eval"), inputs=("train", "prune", "surgery"), run=run)
+STAGE = Stage("eval", sections=("seed", "data", "model", "eval"), inputs=("train", "prune", "surgery"), run=run,
+              tables=(ATTACKS,))

@@ -14,17 +14,10 @@ import torch
 
 from models import ResidualNoise
 
-from ..data import CLASSES
-from ..runio import load_model
-from ..runner import Stage, StageContext, StageResult
-
-NOISE_OF_VARIANT = {"deterministic": "off", "stochastic": "batch", "per_sample": "per_sample"}
-SUFFIX = {"deterministic": "", "stochastic": "_stochastic", "per_sample": "_per_sample"}
-
-
-def artifact_name(model: str, variant: str) -> str:
-    """``dense``, ``pruned_stochastic``, ``dense_int8`` ...: the file stem and the key of ``<name>_onnx``."""
-    return model + (SUFFIX[variant] if variant in SUFFIX else f"_{variant}")
+from ..catalog.artifacts import DEPLOYED, NOISE_OF_VARIANT, SOURCES, artifact_name, output_key
+from ..run.checkpoints import load_model
+from ..run.stage import Stage, StageContext, StageResult
+from ..train.data import CLASSES
 
 
 def _metadata(cfg, model_name: str, variant: str, sparsity: dict, noise_coef: float) -> dict[str, str]:
@@ -53,7 +46,8 @@ def run(ctx: StageContext) -> StageResult:
     cfg, e = ctx.cfg, ctx.cfg.export
     parity = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(cfg.seed))
     outputs, metrics = {}, {}
-    for model_name, stage in (("dense", "train"), ("pruned", "surgery")):
+    for model_name in DEPLOYED:
+        stage = SOURCES[model_name]
         model = load_model(ctx.inputs[stage]["model_weights"], ctx.inputs[stage]["model_arch"]).eval()
         coef = max((m.coef for m in model.modules() if isinstance(m, ResidualNoise)), default=0.0)
         for variant in e.noise_variants:
@@ -66,7 +60,7 @@ def run(ctx: StageContext) -> StageResult:
                               metadata=_metadata(cfg, model_name, variant, ctx.metrics_of[stage], coef),
                               parity_inputs=parity, parity_tol=e.parity_tol, noise=NOISE_OF_VARIANT[variant],
                               parity_draws=e.parity_draws)
-            outputs[f"{name}_onnx"] = path
+            outputs[output_key(name)] = path
             m = {"model": model_name, "noise_variant": variant, "opset": rep.opset, "simplified": rep.simplified,
                  "nodes_before": rep.nodes_before, "nodes_after": rep.nodes_after,
                  "parity_max_abs_diff": rep.parity_max_abs_diff, "onnx_params": rep.params,

@@ -6,11 +6,11 @@ import torch.nn as nn
 
 from models import describe
 
-from ..algorithms.surgery import count_params_macs, remove_dead_channels
 from ..algorithms.sparsity import sparsity_metrics
-from ..runio import load_model, save_model
-from ..runner import Stage, StageContext, StageResult
-from .common import model_kwargs
+from ..algorithms.surgery import count_params_macs, remove_dead_channels
+from ..run.checkpoints import load_model, save_model
+from ..run.stage import Stage, StageContext, StageResult
+from ..train.setup import model_kwargs
 
 
 def run(ctx: StageContext) -> StageResult:

@@ -10,28 +10,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..runner import Stage, StageContext, StageResult
-from .evaluate import DEPLOYED, eval_images
-
-TWIN = {"deterministic": "noise_off", "stochastic": "stochastic", "per_sample": "per_sample", "int8": None}
-
-
-def artifacts(ctx: StageContext) -> dict[str, tuple[str, str]]:
-    """``<name>`` -> (model, variant) for every ONNX file the export and quantize stages wrote."""
-    from .export import artifact_name
-
-    out = {}
-    for model in DEPLOYED:
-        for variant in TWIN:
-            name = artifact_name(model, variant)
-            if f"{name}_onnx" in ctx.inputs["export"] or f"{name}_onnx" in ctx.inputs.get("quantize", {}):
-                out[name] = (model, variant)
-    return out
-
-
-def artifact_path(ctx: StageContext, name: str):
-    key = f"{name}_onnx"
-    return ctx.inputs["export"].get(key) or ctx.inputs["quantize"][key]
+from ..catalog.artifacts import TWIN, artifact_path, artifacts
+from ..run.stage import Stage, StageContext, StageResult
+from ..train.setup import eval_images
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -42,10 +23,10 @@ def run(ctx: StageContext) -> StageResult:
     y = labels.numpy()
     evaluated = ctx.metrics_of["eval"]["models"]
     results = {}
-    for name, (model, variant) in artifacts(ctx).items():
+    for name, (model, variant) in artifacts(ctx.inputs).items():
         if model not in evaluated:
             continue
-        session = ort_session(artifact_path(ctx, name), intra_op_threads=0)
+        session = ort_session(artifact_path(ctx.inputs, name), intra_op_threads=0)
         clean_ok = ort_predict(session, images, e.batch_size).argmax(1) == y
         twin = TWIN[variant]
         rows = {"model": model, "variant": variant, "twin_mode": twin,

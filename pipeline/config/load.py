@@ -1,0 +1,242 @@
+"""From TOML (and ``--set section.key=value`` overrides) to a validated ``RunConfig``, and back to TOML.
+
+Every mistake (unknown key, wrong type, bad value) becomes a ``ConfigError`` whose message is one line naming
+the source (the file, or ``--set`` when the key came from there), the dotted key, what was expected and what was
+found. Each section checks its own values (``sections.py``); this module walks them and words the message.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import tomllib
+import types
+import typing
+from pathlib import Path
+
+from ..core.checks import Invalid, finite
+from ..core.errors import UserError
+from .sections import RunConfig, Sections
+
+
+class ConfigError(UserError, ValueError):
+    pass
+
+
+# Keys of earlier versions, and where they live now (each sparsifier's settings became its own table).
+MOVED = {"prune.beta": "prune.rgsm.beta (RVSM: prune.rvsm.beta)", "prune.lambda1": "prune.rgsm.lambda1",
+         "prune.lambda2": "prune.rgsm.lambda2", "prune.rgsm_prox": "prune.rgsm.prox",
+         "prune.penalty": "prune.rvsm.penalty", "prune.rvsm_lambda": "prune.rvsm.lam",
+         "prune.tl1_a": "prune.rvsm.tl1_a", "prune.sparsity": "prune.admm.sparsity",
+         "prune.percentile": "prune.admm.percentile", "prune.rho": "prune.admm.rho"}
+
+
+def _type_name(t) -> str:
+    return getattr(t, "__name__", str(t))
+
+
+def _from_set(key: str, overridden: frozenset) -> bool:
+    """Did ``key`` (or a table or list holding it) come from ``--set``?"""
+    return any(o == key or key.startswith((o + ".", o + "[")) for o in overridden)
+
+
+def _coerce(value, hint, where: str, source: str):
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if float in options and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        for option in options:
+            if isinstance(value, option) and not (option in (int, float) and isinstance(value, bool)):
+                return value
+        raise ConfigError(f"{source}: {where}: expected {' or '.join(_type_name(o) for o in options)}, "
+                          f"got {type(value).__name__} ({value!r})")
+    if origin is tuple:
+        (elem, _) = typing.get_args(hint)
+        if dataclasses.is_dataclass(elem):   # an array of tables, e.g. [[bench.devices]]
+            if not isinstance(value, (list, tuple)):
+                raise ConfigError(f"{source}: {where}: expected an array of tables, got {type(value).__name__} ({value!r})")
+            return tuple(v if isinstance(v, elem) else _build(elem, v, f"{where}[{i}].", source)
+                         for i, v in enumerate(value))
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: {where}: expected a list of {_type_name(elem)}, got {type(value).__name__} ({value!r})")
+        return tuple(_coerce(v, elem, f"{where}[{i}]", source) for i, v in enumerate(value))
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float) and isinstance(value, bool) or not isinstance(value, hint):
+        raise ConfigError(f"{source}: {where}: expected {_type_name(hint)}, got {type(value).__name__} ({value!r})")
+    return value
+
+
+def _build(cls, data: dict, prefix: str, source: str, overridden: frozenset = frozenset()):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'top level'}: expected a table, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = dataclasses.fields(cls)
+    inline = {f.name: f.metadata["inline_table"] for f in fields if "inline_table" in f.metadata}
+    names = {f.name for f in fields if f.name not in inline} | {n for t in inline.values() for n in t.names()}
+    for key in data:
+        if key not in names:
+            dotted = prefix + key
+            src = "--set" if any(o == dotted or o.startswith(dotted + ".") for o in overridden) else source
+            moved = f" (moved to {MOVED[dotted]})" if dotted in MOVED else f" (known: {', '.join(sorted(names))})"
+            raise ConfigError(f"{src}: unknown key '{dotted}'{moved}")
+    kwargs = {}
+    for f in fields:
+        where = prefix + f.name
+        if f.name in inline:
+            kwargs[f.name] = Sections({e.name: _build(e.settings, data.get(e.name, {}), f"{prefix}{e.name}.", source,
+                                                      overridden)
+                                       for e in inline[f.name].entries() if e.settings})
+            continue
+        if f.name not in data:
+            continue
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[f.name] = _build(hint, data[f.name], where + ".", source, overridden)
+        else:
+            kwargs[f.name] = _coerce(data[f.name], hint, where, "--set" if where in overridden else source)
+    return cls(**kwargs)
+
+
+def _sections(obj, prefix: str = ""):
+    """(dotted prefix, section) of every dataclass below ``obj``, then ``obj`` itself (rules between sections
+    are checked after each section's own values)."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _sections(value, prefix + f.name + ".")
+        elif isinstance(value, Sections):
+            for name, settings in value.items():
+                yield from _sections(settings, prefix + name + ".")
+    yield prefix, obj
+
+
+def _validate(cfg: RunConfig, source: str, overridden: frozenset = frozenset()) -> None:
+    flat = flatten(cfg)
+
+    def error(key: str, expected: str, involved=(), plain: bool = False) -> ConfigError:
+        src = "--set" if any(_from_set(k, overridden) for k in (key, *involved)) else source
+        if plain:
+            return ConfigError(f"{src}: {key}: {expected}")
+        value = list(flat[key]) if isinstance(flat.get(key), tuple) else flat.get(key)
+        return ConfigError(f"{src}: {key}: expected {expected}, got {value!r}")
+
+    for key, value in flat.items():
+        if not finite(value):
+            raise error(key, "a finite number")
+    for prefix, section in _sections(cfg):
+        check = getattr(section, "check", None)
+        if check is None:
+            continue
+        try:
+            check()
+        except Invalid as e:
+            raise error(prefix + e.key, e.expected, tuple(prefix + k for k in e.involved), e.plain) from None
+
+
+def flatten(obj, prefix: str = "") -> dict:
+    """``{"section.key": value}`` for every key (``[prune.<method>]`` tables included)."""
+    out = {}
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if dataclasses.is_dataclass(v):
+            out.update(flatten(v, prefix + f.name + "."))
+        elif isinstance(v, Sections):
+            for name, settings in v.items():
+                out.update(flatten(settings, prefix + name + "."))
+        else:
+            out[prefix + f.name] = v
+    return out
+
+
+def to_dict(obj):
+    """The config as plain data, as a TOML file would hold it (what manifests record and keys hash)."""
+    if dataclasses.is_dataclass(obj):
+        out = {}
+        for f in dataclasses.fields(obj):
+            v = getattr(obj, f.name)
+            if isinstance(v, Sections):
+                out.update({name: to_dict(settings) for name, settings in v.items()})
+            else:
+                out[f.name] = to_dict(v)
+        return out
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_dict(v) for v in obj)
+    return obj
+
+
+def toml_value(v) -> str:
+    """``v`` as TOML, as a config file or ``--set key=VALUE`` takes it back (``[[bench.devices]]`` entries as
+    inline tables)."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float) and not math.isfinite(v):
+        return "nan" if v != v else ("inf" if v > 0 else "-inf")
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)   # JSON's escapes are TOML's
+    if isinstance(v, (tuple, list)):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    if dataclasses.is_dataclass(v):
+        return "{" + ", ".join(f"{f.name} = {toml_value(getattr(v, f.name))}" for f in dataclasses.fields(v)) + "}"
+    raise TypeError(f"no TOML form for {type(v).__name__}")
+
+
+def show_lines(cfg) -> list[str]:
+    """``pipeline show-config``: one ``key = value`` line per resolved key; a key with no value (TOML has no
+    null) as a comment."""
+    return [f"# {k} = (not set)" if v is None else f"{k} = {toml_value(v)}" for k, v in flatten(cfg).items()]
+
+
+def parse_override(text: str, source: str) -> tuple[list[str], object]:
+    """``section.key=value`` -> (["section", "key"], value); the value is read as TOML, a bare word as a string."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"{source}: expected section.key=value, got {text!r}")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()  # a bare word such as `--set prune.init=scratch` is meant as a string
+    return key.strip().split("."), value
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), *, data: dict | None = None,
+                source: str | None = None) -> RunConfig:
+    """From a TOML file, or (``data``) from a run's recorded config, then the ``--set`` overrides."""
+    source = source or (str(path) if path else "<defaults>")
+    data = dict(data) if data is not None else {}
+    overridden = set()
+    if path is not None:
+        p = Path(path)
+        try:
+            raw = p.read_bytes()
+            # utf-8-sig: a BOM (as some Windows editors write) is accepted and dropped
+            data = tomllib.loads(raw.decode("utf-8-sig"))
+        except FileNotFoundError:
+            raise ConfigError(f"{source}: file not found") from None
+        except IsADirectoryError:
+            raise ConfigError(f"{source}: is a directory, expected a TOML file") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{source}: not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start}); "
+                              "save the file as UTF-8") from None
+        except OSError as e:
+            raise ConfigError(f"{source}: cannot read: {e.strerror or e}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{source}: invalid TOML: {e}") from None
+        if not data:
+            raise ConfigError(f"{source}: empty config; expected at least name and the [model], [train] and "
+                              "[prune] settings (defaults alone are the 200 + 200-epoch paper recipe)")
+    for text in overrides:
+        keys, value = parse_override(text, "--set")
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {text}: '{k}' is not a section")
+        node[keys[-1]] = value
+        overridden.add(".".join(keys))
+    cfg = _build(RunConfig, data, "", source, frozenset(overridden))
+    _validate(cfg, source, frozenset(overridden))
+    return cfg

@@ -1,0 +1,422 @@
+"""The config's sections: one frozen dataclass each, with its defaults and a ``check()`` of its own values
+(``pipeline/core/checks.py``). Rules between sections are ``RunConfig.check()``. Units are in the names
+(``eps_255`` = 1/255 pixel units, ``paper_eps_01`` = [0, 1] units)."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from ..catalog import artifacts
+from ..catalog.attacks import ATTACKS
+from ..catalog.devices import check_target, device_name
+from ..catalog.sparsifiers import SPARSIFIERS, method_names
+from ..core.checks import Invalid, fractions, non_negative, one_of, positive, require
+
+LEVELS = ("disable", "basic", "extended", "all")   # onnxruntime graph optimisation levels
+
+
+class Sections(Mapping):
+    """An immutable name -> settings mapping whose entries are TOML tables inline in their parent section: the
+    ``[prune.<method>]`` tables, one per registered sparsifier."""
+
+    def __init__(self, items):
+        self._items = dict(items)
+
+    def __getitem__(self, name):
+        return self._items[name]
+
+    def __iter__(self):
+        return iter(self._items)
+
+    def __len__(self):
+        return len(self._items)
+
+    def __hash__(self):
+        return hash(tuple(self._items.items()))
+
+    def __repr__(self):
+        return f"Sections({self._items!r})"
+
+
+def table_sections(registry):
+    """A field holding every entry's settings (defaults here; the loader reads ``[section.<name>]`` tables)."""
+    return field(default_factory=lambda: Sections({e.name: e.settings() for e in registry.entries() if e.settings}),
+                 metadata={"inline_table": registry})
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    root: str = ""              # folder holding cifar-10-batches-py; "" = $PIPELINE_DATA_ROOT, else ~/.cache
+    download: bool = True       # torchvision download when the files are absent
+    val_size: int = 5000        # held out of the 50k training images (paper: 45k/5k)
+    train_subset: int = 0       # 0 = all remaining training images
+    test_subset: int = 0        # 0 = all 10k test images; else a seeded subset
+    split_seed: int = 0
+
+    def check(self) -> None:
+        non_negative(self, "train_subset", "test_subset")
+        require(0 < self.val_size < 50_000, "val_size",
+                "between 1 and 49,999 (the train stage selects its checkpoint on this split)")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str = "preact_resnet20"
+    ensemble: int = 1
+    noise_coef: float = 0.1
+    # Mean/std normalisation inside the model. The paper's reference code feeds raw [0, 1] pixels to the stem
+    # (false); either way the model and its ONNX graph take [0, 1] images.
+    normalize: bool = True
+    # "grouped": the train stage runs the n members as one network of grouped convs (models/grouped.py; same
+    # function, fewer kernel launches -- for GPUs); artifacts are saved as the member list either way.
+    ensemble_impl: str = "members"
+
+    def check(self) -> None:
+        from models import list_models
+
+        one_of(self, "arch", list_models())
+        positive(self, "ensemble")
+        require(self.noise_coef >= 0, "noise_coef", ">= 0 (0 = no noise)")
+        one_of(self, "ensemble_impl", ("members", "grouped"))
+
+
+def _radius(section, name: str) -> None:
+    require(0 < getattr(section, name) <= 255, name, "a radius in (0, 255] (units of 1/255)")
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    """Attack used *during training* to craft adversarial examples."""
+    kind: str = "pgd"           # "pgd" | "fgsm_rs" | "none" (natural training)
+    eps_255: float = 8.0
+    step_255: float = 2.0       # PGD step; fgsm_rs always steps 1.25*eps (Wong et al., 2020)
+    steps: int = 10             # PGD iterations (paper: 10); ignored for fgsm_rs
+    random_start: bool = True
+
+    def check(self) -> None:
+        one_of(self, "kind", ("pgd", "fgsm_rs", "none"))
+        non_negative(self, "steps")
+        positive(self, "step_255")
+        _radius(self, "eps_255")
+        if self.kind == "pgd":
+            require(self.step_255 <= self.eps_255, "step_255", f"a step <= train.attack.eps_255 = {self.eps_255}",
+                    ("eps_255",))
+
+
+def _decay(section, name: str) -> None:
+    require(0 < getattr(section, name) <= 1, name, "a decay factor in (0, 1]")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 200
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    lr_milestones: tuple[float, ...] = (0.4, 0.6, 0.8)   # fractions of epochs (paper: 80/120/160 of 200)
+    lr_gamma: float = 0.1
+    # Linear warm-up of the learning rate over the first this many epochs of the train and the prune stage (0 =
+    # none, the paper). For a batch larger than the paper's 128: lr and prune.lr = 0.1 * batch_size/128 with
+    # about 5 warm-up epochs (linear scaling rule, Goyal et al. 2017; configs/gpu_en5resnet20_rgsm_b512.toml).
+    lr_warmup_epochs: int = 0
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    val_attack_steps: int = 10      # PGD steps for checkpoint selection on the validation split
+    val_subset: int = 0             # 0 = the whole validation split
+    # EnResNet's noise scale is the std of the whole batch activation, so validation accuracy depends on this.
+    val_batch_size: int = 256
+    augment: bool = True
+    # "epoch": a new SGD optimizer every epoch (train and prune), as the reference code does -- so momentum
+    # restarts after each epoch-end hard projection. "never": one optimizer for the whole stage.
+    reset_optimizer: str = "never"
+    # train and prune save a resumable checkpoint (weights, optimizer, sparsifier, RNG states) every this many
+    # epochs, so a killed run continues from there; 0 = never. Not part of any stage key: it changes no result.
+    checkpoint_every: int = 1
+    # "bf16": attack + forward under bf16 autocast (weights and optimizer fp32); channels_last: NHWC tensors.
+    # Both are for GPUs (pipeline bench-train --variants measures them); the paper configs keep fp32.
+    precision: str = "fp32"
+    channels_last: bool = False
+    # Capture the attack + forward + backward of each full batch as a CUDA graph and replay it (one process on a
+    # CUDA device; pipeline/train/loop.py TrainStep). Not part of any stage key: the same kernels in the same order.
+    cuda_graphs: bool = False
+
+    def check(self) -> None:
+        positive(self, "epochs", "batch_size", "val_batch_size", "lr")
+        non_negative(self, "val_attack_steps", "val_subset", "checkpoint_every", "lr_warmup_epochs", "weight_decay")
+        one_of(self, "reset_optimizer", ("never", "epoch"))
+        one_of(self, "precision", ("fp32", "bf16"))
+        require(0 <= self.momentum < 1, "momentum", "a value in [0, 1)")
+        require(not (self.nesterov and self.momentum == 0), "nesterov",
+                "false when train.momentum = 0 (Nesterov needs momentum)", ("momentum",))
+        _decay(self, "lr_gamma")
+        fractions(self, "lr_milestones")
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    # A sparsifier of pipeline/catalog/sparsifiers.py ("rgsm" channel groups, "rvsm" unstructured, "admm" the
+    # paper's baseline), or "none" (the train checkpoint passes through unchanged: a dense baseline row). Each
+    # sparsifier's own settings are its [prune.<method>] table, e.g. [prune.rgsm] lambda1 = 0.1.
+    method: str = "rgsm"
+    # What is pruned -- "paper": groups are conv input-channel slices (the paper's RGSM). "coupled": one group per
+    # removable channel (DependencyGraph: producers' filters, BN entries, every reader's slice), so sparsity =
+    # removability (methods registered with coupled=True: RGSM).
+    groups: str = "paper"
+    # Kept channels per coupled family: a multiple of this (never below it), so pruned widths match the SIMD
+    # block of the target's conv kernels. "auto" = the host's onnxruntime NCHWc block (pipeline/devices/hardware.py).
+    align: int | str = 1
+    # Coupled groups differ in size; each group's lambda1 is scaled by what it costs relative to an average paper
+    # group: "macs" (compute per image its removal saves -- what latency follows) or "weights" (parameters).
+    group_cost: str = "macs"
+    init: str = "finetune"      # "finetune" (start from the train checkpoint) | "scratch" (paper's from-scratch mode)
+    epochs: int = 200
+    lr: float = 0.1
+    lr_milestones: tuple[float, ...] = (0.4, 0.6, 0.8)
+    lr_gamma: float = 0.1
+    zero_tol: float = 1e-15     # paper: a group counts as zero when its l2 norm is below this
+    methods: Sections = table_sections(SPARSIFIERS)
+
+    @property
+    def settings(self):
+        """The selected method's settings (None for "none")."""
+        return self.methods.get(self.method)
+
+    def check(self) -> None:
+        one_of(self, "method", method_names())
+        one_of(self, "groups", ("paper", "coupled"))
+        one_of(self, "group_cost", ("macs", "weights"))
+        one_of(self, "init", ("finetune", "scratch"))
+        positive(self, "epochs", "lr", "zero_tol")
+        _decay(self, "lr_gamma")
+        fractions(self, "lr_milestones")
+        coupled = [e.name for e in SPARSIFIERS.entries() if e.meta.get("coupled")]
+        names = " or ".join('"%s"' % n for n in coupled)
+        require(self.groups != "coupled" or self.method in coupled, "groups",
+                f'"paper" unless prune.method = {names} (coupled groups are channel groups; prune.method is '
+                f"{self.method!r})", ("method",))
+        align = self.align
+        require(align == "auto" or isinstance(align, int) and align >= 1, "align", 'a positive integer or "auto"')
+        require(align == 1 or self.groups == "coupled", "align",
+                f'1 unless prune.groups = "coupled" (paper groups are conv input slices, not whole channels; '
+                f"prune.groups is {self.groups!r})", ("groups",))
+        rgsm = self.methods.get("rgsm")
+        if rgsm is not None and rgsm.prox == "soft" and align != 1:
+            raise Invalid("rgsm.prox", '"hard" when prune.align is not 1 (the group-lasso prox has no aligned '
+                          "variant)", ("align",))
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Stage ``eval``: test-set accuracy of the dense, masked and pruned models under attack."""
+    models: tuple[str, ...] = ("dense", "masked", "pruned")
+    attacks: tuple[str, ...] = ("fgsm", "ifgsm", "cw_paper", "pgd", "eot_pgd", "apgd_ce", "apgd_dlr")
+    images: int = 0             # 0 = the whole evaluated test set (data.test_subset); else a seeded subset of it
+    batch_size: int = 256
+    # The paper's columns, with its reference script's constants (in [0, 1] pixel units, not /255).
+    paper_eps_01: float = 0.031
+    paper_step_01: float = 0.007
+    ifgsm_steps: int = 20
+    cw_steps: int = 50
+    cw_lr: float = 6e-4
+    cw_c: float = 10.0
+    cw_kappa: float = 0.0
+    # Strong attacks.
+    eps_255: float = 8.0
+    step_255: float = 2.0
+    pgd_steps: int = 50
+    pgd_restarts: int = 2
+    eot_samples: int = 4        # EOT-PGD: input gradient averaged over this many noise draws (pgd_steps steps)
+    apgd_steps: int = 100
+    avg_passes: int = 8         # stochastic model: also score with the softmax averaged over this many passes
+    noise_off_too: bool = True  # also evaluate with the test-time noise off (the function the ONNX graph computes)
+    per_sample_too: bool = True  # also evaluate with the noise scale computed per image (export's per_sample variant)
+    sweep_eps_255: tuple[float, ...] = (0.0, 2.0, 4.0, 8.0)   # sanity: PGD accuracy must not rise with eps
+    sweep_steps: int = 10
+    sanity_slack_pt: float = 1.0  # least slack for comparisons of stochastic numbers (percentage points)
+
+    def check(self) -> None:
+        for name, allowed in (("attacks", ATTACKS.names()), ("models", tuple(artifacts.SOURCES))):
+            values = getattr(self, name)
+            require(all(v in allowed for v in values) and len(set(values)) == len(values), name,
+                    f"distinct names from {', '.join(allowed)}")
+        non_negative(self, "pgd_steps", "images", "ifgsm_steps", "cw_steps", "cw_kappa", "sanity_slack_pt",
+                     "sweep_steps")
+        positive(self, "step_255", "batch_size", "eot_samples", "pgd_restarts", "apgd_steps", "avg_passes",
+                 "paper_eps_01", "paper_step_01", "cw_lr", "cw_c")
+        _radius(self, "eps_255")
+        require(all(0 <= v <= 255 for v in self.sweep_eps_255) and list(self.sweep_eps_255) == sorted(
+            self.sweep_eps_255), "sweep_eps_255", "increasing radii in [0, 255]")
+        require(0 < self.paper_eps_01 <= 1 and self.paper_step_01 <= self.paper_eps_01, "paper_eps_01",
+                f"a radius in (0, 1] >= eval.paper_step_01 = {self.paper_step_01}", ("paper_step_01",))
+        require(self.step_255 <= self.eps_255, "step_255", f"a step <= eval.eps_255 = {self.eps_255}", ("eps_255",))
+
+
+@dataclass(frozen=True)
+class PaperConfig:
+    """The paper's numbers for the table row a config reproduces (report.md prints ours beside them)."""
+    row: str = ""
+    a1_natural: float | None = None
+    a2_fgsm: float | None = None
+    a3_ifgsm20: float | None = None
+    a4_cw: float | None = None
+    channel_sparsity: float | None = None   # Tables 2-4 "Ch. Sp."
+    weight_sparsity: float | None = None    # Tables 1 and 4 unstructured "Sp."
+
+
+@dataclass(frozen=True)
+class SurgeryConfig:
+    tol: float = 1e-15
+
+    def check(self) -> None:
+        positive(self, "tol")
+
+
+# Opsets each exporter really writes (measured with torch 2.14): the dynamo exporter silently moves an opset
+# below 18 up to 18; the TorchScript exporter refuses above 23.
+OPSETS = {True: (18, 25), False: (7, 23)}
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    opset: int = 18
+    dynamo: bool = True
+    simplify: bool = True
+    parity_tol: float = 1e-4
+    # Deployable noise variants (pipeline/catalog/artifacts.py). "deterministic" (noise removed) is always written;
+    # "stochastic" keeps EnResNet's noise in the graph as trained (std over the whole batch tensor), "per_sample"
+    # computes each image's noise scale from that image alone. With model.noise_coef = 0 only "deterministic" is made.
+    noise_variants: tuple[str, ...] = ("deterministic", "stochastic", "per_sample")
+    parity_draws: int = 200     # noisy passes per side for the statistical torch-vs-ORT check of noisy graphs
+
+    def check(self) -> None:
+        positive(self, "parity_tol", "opset", "parity_draws")
+        low, high = OPSETS[self.dynamo]
+        require(low <= self.opset <= high, "opset", f"{low}..{high} with export.dynamo = {str(self.dynamo).lower()}",
+                ("dynamo",))
+        variants = self.noise_variants
+        require("deterministic" in variants and all(v in artifacts.NOISE_OF_VARIANT for v in variants)
+                and len(set(variants)) == len(variants), "noise_variants",
+                'distinct names from deterministic, stochastic, per_sample, with "deterministic"')
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """Stage ``quantize``: onnxruntime static int8 quantisation (QDQ) of the deterministic dense and pruned graphs."""
+    enabled: bool = True
+    calibration_images: int = 256   # seeded training images (never test) for the activation ranges
+    per_channel: bool = True        # per-output-channel weight scales
+    method: str = "minmax"          # "minmax" | "entropy" | "percentile" (onnxruntime CalibrationMethod)
+    op_types: tuple[str, ...] = ("Conv", "Gemm", "MatMul", "Add")
+
+    def check(self) -> None:
+        positive(self, "calibration_images")
+        one_of(self, "method", ("minmax", "entropy", "percentile"))
+        require(bool(self.op_types) and all(o in ("Conv", "Gemm", "MatMul", "Add") for o in self.op_types),
+                "op_types", "a non-empty list from Conv, Gemm, MatMul, Add")
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    """One ``[[bench.devices]]`` entry: where the ONNX artifacts are timed (pipeline/catalog/devices.py)."""
+    target: str = "host"        # "host" | "aarch64-emu" | "ssh://user@host[:port]"
+    name: str = ""              # label in the report; "" = derived from the target
+    qemu_cpu: str = "neoverse-n1"   # aarch64-emu: emulated CPU (cortex-a72 NEON, neoverse-n1 dotprod, max SVE2/SME)
+    root: str = ""              # aarch64-emu: the arm64 root; "" = $PIPELINE_ARM_ROOT, else ~/.cache/pipeline/aarch64-root
+    python: str = "python3"     # ssh: the remote interpreter (with numpy + onnxruntime)
+    images: int = 0             # test images predicted on the device (agreement with host); 0 = all bench images
+    # 0 / empty = bench.runs, bench.warmup, bench.batches, bench.threads, bench.optimizations
+    runs: int = 0
+    warmup: int = 0
+    batches: tuple[int, ...] = ()
+    threads: tuple[int, ...] = ()
+    optimizations: tuple[str, ...] = ()
+    timeout_s: float = 1800.0
+
+    def problem(self) -> str | None:
+        """What is wrong with this entry, as ``key: expected ..., got ...`` (None if nothing)."""
+        try:
+            check_target(self.target)
+        except ValueError as e:
+            return f"target: {e}"
+        for key in ("runs", "warmup", "images"):
+            if getattr(self, key) < 0:
+                return f"{key}: expected >= 0 (0 = bench.{key}), got {getattr(self, key)}"
+        if any(b < 1 for b in self.batches):
+            return f"batches: expected integers >= 1, got {list(self.batches)}"
+        if any(t < 0 for t in self.threads):
+            return f"threads: expected integers >= 0 (0 = all cores), got {list(self.threads)}"
+        if any(o not in LEVELS for o in self.optimizations):
+            return f"optimizations: expected names from {', '.join(LEVELS)}, got {list(self.optimizations)}"
+        if not self.timeout_s > 0:
+            return f"timeout_s: expected > 0, got {self.timeout_s}"
+        return None
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    threads: tuple[int, ...] = (1, 0)     # onnxruntime intra-op threads to time; 0 = all cores
+    batches: tuple[int, ...] = (1, 32)
+    warmup: int = 50
+    runs: int = 300
+    accuracy_subset: int = 0    # 0 = the evaluated test set (data.test_subset)
+    # onnxruntime graph optimisation levels to time. "all" adds the NCHWc layout transform, which pads channel
+    # counts up to the SIMD block (8 or 16): pruned widths that are not multiples of it lose their speedup there.
+    # Every level is timed and the best one per artifact is the headline (dense-best / pruned-best).
+    optimizations: tuple[str, ...] = ("disable", "basic", "extended", "all")
+    devices: tuple[DeviceConfig, ...] = (DeviceConfig(),)
+
+    def check(self) -> None:
+        require(bool(self.optimizations) and all(o in LEVELS for o in self.optimizations), "optimizations",
+                f"a non-empty list from {', '.join(LEVELS)}")
+        non_negative(self, "accuracy_subset", "warmup")
+        positive(self, "runs")
+        for name, minimum in (("threads", 0), ("batches", 1)):
+            values = getattr(self, name)
+            require(bool(values) and all(v >= minimum for v in values), name,
+                    f"a non-empty list of integers >= {minimum}")
+        if not self.devices:
+            raise Invalid("devices", 'expected at least one device ([[bench.devices]] target = "host"), got none',
+                          plain=True)
+        if not any(d.target == "host" for d in self.devices):
+            raise Invalid("devices", 'expected a "host" device among them (the reference every other device\'s predictions '
+                          f"are compared with, and the headline speed-up), got {[d.target for d in self.devices]}",
+                          plain=True)
+        seen = set()
+        for i, d in enumerate(self.devices):
+            problem = d.problem()
+            name = device_name(d)
+            if problem is None and name in seen:
+                problem = f"name: expected distinct device names, {name!r} appears twice (set name = ...)"
+            if problem is not None:
+                raise Invalid(f"devices[{i}]", problem, plain=True)
+            seen.add(name)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = "run"
+    seed: int = 0
+    device: str = "auto"        # "auto" | "cpu" | "cuda"
+    threads: int = 0            # torch intra-op threads for training; 0 = torch default
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    surgery: SurgeryConfig = field(default_factory=SurgeryConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+    paper: PaperConfig = field(default_factory=PaperConfig)
+
+    def check(self) -> None:
+        """Rules of the top-level keys and between sections (each section checks its own values first)."""
+        one_of(self, "device", ("auto", "cpu", "cuda"))
+        non_negative(self, "threads")
+        if self.device == "cuda":
+            import torch
+
+            require(torch.cuda.is_available(), "device", '"cpu" or "auto": torch sees no CUDA device here')
+        require(not (self.train.cuda_graphs and self.device == "cpu"), "train.cuda_graphs",
+                'false with device = "cpu" (CUDA graphs need a CUDA device)', ("device",))

@@ -1,0 +1,171 @@
+"""report.json: one entry per ONNX artifact, dense next to pruned, built from the manifest's stage metrics."""
+from __future__ import annotations
+
+import math
+
+from ..catalog.artifacts import stage_of
+
+PLOTS = {"widths": "widths.png", "accuracy_latency": "accuracy_latency.png",
+         "latency_devices": "latency_devices.png", "pareto": "pareto.png"}
+
+
+def flat_accuracy(evaluated: dict) -> dict[str, float]:
+    """eval-stage results of one model as report.json ``accuracy``: keys name the attack and its parameters;
+    ``_noise_off`` = test-time noise off, ``_per_sample`` = noise scale per image, ``_avgK`` = softmax averaged over
+    K stochastic passes."""
+    out = {}
+    for mode, res in evaluated.items():
+        if "natural" not in res:
+            continue
+        suffix = {"noise_off": "_noise_off" if "stochastic" in evaluated else "",
+                  "per_sample": "_per_sample"}.get(mode, "")
+        out[f"natural{suffix}"] = res["natural"]
+        for k, v in res.items():
+            if k.startswith("natural_avg"):
+                out[k] = v
+        for row in res["attacks"].values():
+            out[f"{row['key']}{suffix}"] = row["accuracy"]
+            for k, v in row.items():
+                if k.startswith("accuracy_avg"):
+                    out[f"{row['key']}_{k.removeprefix('accuracy_')}"] = v
+        if "worst_case" in res:
+            out[f"worst_case{suffix}"] = res["worst_case"]
+    return out
+
+
+def build_report(manifest: dict) -> dict:
+    st = manifest["stages"]
+    prune, surgery, export, bench, ev, transfer = (
+        st[k]["metrics"] for k in ("prune", "surgery", "export", "bench", "eval", "transfer"))
+    train = st["train"]["metrics"]
+    cfg = manifest["config"]
+    models = []
+    for variant, sparsity, params, macs in (
+            ("dense", train, surgery["params_before"], surgery["macs_before"]),
+            ("pruned", surgery, surgery["params_after"], surgery["macs_after"])):
+        evaluated = ev["models"].get(variant, {})
+        models.append({
+            "name": f"{cfg['name']}-{variant}",
+            "variant": variant,
+            "onnx": st["export"]["outputs"][f"{variant}_onnx"]["path"],
+            "onnx_sha256": st["export"]["outputs"][f"{variant}_onnx"]["sha256"],
+            "params": params,
+            "macs": macs,
+            "onnx_params": export[variant]["onnx_params"],
+            "onnx_macs": export[variant]["onnx_macs"],
+            "channel_sparsity": sparsity["channel_sparsity"],
+            "channel_weight_sparsity": sparsity.get("channel_weight_sparsity"),
+            "weight_sparsity": sparsity["weight_sparsity"],
+            "accuracy": flat_accuracy(evaluated),
+            "accuracy_images": ev["images"],
+            "onnx_transfer": transfer["models"].get(variant, {}),
+            "onnx_accuracy": bench["accuracy"][variant],
+            "parity_max_abs_diff": export[variant]["parity_max_abs_diff"],
+            "latency": bench["latency"][variant],
+        })
+    mac_reduction = surgery["macs_before"] / surgery["macs_after"]
+    speedup = [{**s, "mac_reduction": mac_reduction, "efficiency": s["speedup"] / mac_reduction}
+               for s in bench["speedup"]]
+    headline = next((s for s in speedup if s["batch"] == 1 and s["threads"] == 1), speedup[0])
+    sanity = sanity_checks(models, ev, transfer)
+    # The pruned model's accuracy is measured on the masked model before surgery; surgery is exact
+    # with noise off (max_abs_diff below), so the numbers carry over to the physically pruned graph.
+    return {
+        "run": cfg["name"],
+        "git_commit": manifest.get("git_commit"),
+        "models": models,
+        "sanity": sanity,
+        "sanity_failures": sum(not c["ok"] for c in sanity),
+        "prune": {"method": prune.get("method", "rgsm"), "groups": prune.get("groups", "paper"),
+                  "align": prune.get("align", 1), "family_widths": prune.get("family_widths", {}),
+                  "before_final_projection": prune.get("before_final_projection")},
+        "surgery": {k: surgery[k] for k in ("max_abs_diff", "removed_channels", "zero_channels", "total_channels",
+                                            "removed_fraction", "kept_for_shape", "layers")},
+        "speedup": speedup,
+        "headline": headline,
+        "profile": bench.get("profile", {}),
+        "latency": bench.get("latency_all", []),
+        "devices": bench.get("devices", {}),
+        "variants": variant_rows(st, ev, transfer, bench),
+        "noise_overhead": bench.get("noise_overhead", []),
+        "int8": bench.get("int8", []),
+        "robustness": {"images": ev["images"], "modes": ev["modes"], "models": ev["models"],
+                       "attacks": ev["attacks"], "seconds": ev["seconds"], "images_per_s": ev["images_per_s"],
+                       "onnx_transfer": transfer["models"]},
+        "paper": {k: v for k, v in cfg.get("paper", {}).items() if v not in (None, "")},
+        "plots": dict(PLOTS),
+        "notes": {
+            "accuracy": "torch, percent of the test images classified correctly both clean and attacked; keys "
+                        "name the attack and its parameters; *_noise_off: EnResNet's test-time noise off; "
+                        "*_avgK: softmax averaged over K noisy passes; cw_paper is the reference code's weak "
+                        "C&W variant (perturbation rescaled by 0.031)",
+            "onnx": "dense.onnx / pruned.onnx are deterministic (noise off); onnx_accuracy compares them with torch. "
+                    "*_stochastic.onnx keep the noise as trained (std over the batch tensor), *_per_sample.onnx "
+                    "take each image's std alone, *_int8.onnx are static QDQ int8 of the deterministic graphs",
+            "devices": "latency rows carry device, emulated, runtime, provider, threads, batch, p50/p90/p99 ms; "
+                       "emulated rows (qemu-user) time the emulator, not ARM silicon, and are never a latency",
+            "pruned_accuracy": "measured on the masked model before surgery (surgery is exact with noise off)",
+            "latency": "every onnxruntime graph optimisation level is timed, interleaved; 'best' marks each "
+                       "artifact's fastest level per batch/threads, and speed-up = dense-best / pruned-best. "
+                       "Level 'all' includes the NCHWc layout, which pads channel counts to the SIMD block "
+                       "(8/16), so unaligned pruned widths keep the padded cost there",
+            "efficiency": "latency speed-up / MAC reduction (MACs: torch-pruning count, noise off)",
+            "sparsity": "conv weights only, all members, in every denominator (BN, biases and the classifier are "
+                        "never counted). channel_sparsity: input-channel groups with l2 norm < 1e-15 (the paper's "
+                        "Ch. Sp.); channel_weight_sparsity: weights inside those groups (the reference code's "
+                        "'weight sparsity', e.g. 10.917 % for its 25.33 % ResNet20); weight_sparsity: exactly zero "
+                        "weights (the paper's unstructured 'Sp.')",
+        },
+    }
+
+
+def variant_rows(st: dict, ev: dict, transfer: dict, bench: dict) -> list[dict]:
+    """One row per ONNX artifact: file, size, accuracy and robustness (white-box on its torch twin; onnxruntime on
+    the twin's examples; int8: by transfer from its float model), and host latency at batch 1 / 1 thread."""
+    out = []
+    host = next((d for d, v in bench.get("devices", {}).items() if v.get("kind") == "host" and "error" not in v), None)
+    for name, t in transfer["models"].items():
+        model, variant, twin = t.get("model", name), t.get("variant", "deterministic"), t.get("twin_mode", "noise_off")
+        stage = stage_of(variant)
+        out_entry = st.get(stage, {}).get("outputs", {}).get(f"{name}_onnx", {})
+        row = {"artifact": name, "model": model, "variant": variant, "onnx": out_entry.get("path"),
+               "bytes": None, "natural_onnx": t["natural"], "twin_mode": twin}
+        if host:
+            a = bench["devices"][host]["artifacts"].get(name, {})
+            row["bytes"] = a.get("bytes")
+            lat = [r for r in bench.get("latency_all", []) if r["device"] == host and r["artifact"] == name
+                   and r["batch"] == 1 and r["threads"] == 1 and r["graph_optimization"] == "all"]
+            row["host_p50_ms_b1_t1"] = lat[0]["p50_ms"] if lat else None
+        source = twin or "noise_off"   # int8: examples crafted on its float model, noise off
+        row["whitebox_worst_case"] = ev["models"].get(model, {}).get(twin, {}).get("worst_case") if twin else None
+        crafted = t["crafted_on"].get(source, {})
+        row["onnx_on_twin_examples"] = crafted
+        row["onnx_worst_attack"] = min(crafted.values()) if crafted else None
+        out.append(row)
+    return out
+
+
+def sanity_checks(models: list[dict], ev: dict, transfer: dict, num_classes: int = 10) -> list[dict]:
+    """Checks every honest result passes; a failure is a red line in report.md, never a quiet number.
+
+    - above chance: natural accuracy more than 3 binomial standard errors above 1/num_classes;
+    - the attack orderings the eval stage checked per model and noise mode (eps 0 = natural, monotone in eps,
+      strong <= IFGSM <= FGSM, EOT <= single sample, attacked <= natural);
+    - ONNX on the examples crafted on torch: equal to torch with noise off, not below white-box otherwise."""
+    out = []
+    for m in models:
+        acc, n = m["accuracy"], m["accuracy_images"]
+        if "natural" in acc:
+            chance = 100.0 / num_classes
+            limit = chance + 300.0 * math.sqrt(chance / 100 * (1 - chance / 100) / max(n, 1))
+            out.append({"model": m["variant"], "check": "above_chance", "ok": acc["natural"] > limit,
+                        "detail": f"natural {acc['natural']:.2f}% vs chance {chance:.0f}% (+3 SE = {limit:.1f}% "
+                                  f"on {n} images)"})
+    for name, modes in ev["models"].items():
+        for mode, res in modes.items():
+            out += [{"model": f"{name}/{mode}", **c} for c in res.get("sanity", [])]
+    for name, res in transfer["models"].items():
+        out += [{"model": f"{name}.onnx", **c} for c in res.get("sanity", [])]
+    return out
+
+

@@ -1,0 +1,253 @@
+"""Run directory + manifest: each stage runs into its own folder, is keyed by its config and inputs,
+and is skipped on a rerun when its key and output hashes still match."""
+from __future__ import annotations
+
+import contextlib
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from ..config import RunConfig, to_dict
+from ..core.errors import ManifestError, UserError
+from ..core.files import atomic_write_text, sha256_file, sha256_json, write_json
+from .fingerprint import code_fingerprint
+from .manifest import MANIFEST, load_manifest, now, outputs_valid, package_versions, git_commit
+from .stage import Stage, StageContext
+
+LOCK = ".lock"
+
+
+class RunDirBusy(UserError, RuntimeError):
+    """Another process holds the run directory's lock."""
+
+
+@contextlib.contextmanager
+def run_dir_lock(run_dir: Path):
+    """Exclusive, non-blocking lock on ``run_dir/.lock`` for the whole run (released by the OS if we die)."""
+    import fcntl
+
+    with open(run_dir / LOCK, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunDirBusy(f"{run_dir}: another 'pipeline run' is using this folder (lock file {run_dir / LOCK}); "
+                             "wait for it to finish or choose another --out") from None
+        yield
+
+
+# Settings that change how a stage runs but never what it produces: left out of every key, so changing them
+# (or adding them to the config) reruns nothing.
+RESULT_NEUTRAL = {("train", "checkpoint_every"), ("train", "cuda_graphs")}
+
+
+def stage_code(stage: Stage) -> str:
+    """Fingerprint of the code behind the stage's result (pipeline/run/fingerprint.py)."""
+    return code_fingerprint(*stage.code_modules)
+
+
+def stage_key(stage: Stage, cfg: RunConfig, manifest: dict, *, code: bool = True) -> str:
+    """Hash of what the stage's result depends on: its config sections, its inputs' hashes and (``code``) the
+    fingerprint of its code."""
+    cfg_dict = to_dict(cfg)
+    for section, key in RESULT_NEUTRAL:
+        cfg_dict[section].pop(key, None)
+    upstream = {name: {k: v["sha256"] for k, v in manifest["stages"][name]["outputs"].items()}
+                for name in stage.inputs}
+    parts = {"stage": stage.name, "config": {s: cfg_dict[s] for s in stage.sections}, "inputs": upstream}
+    if code:
+        parts["code"] = stage_code(stage)
+    return sha256_json(parts)
+
+
+def _config_key(entry: dict) -> str | None:
+    """The entry's key without the code fingerprint. Entries written before fingerprints existed have no
+    ``code`` field, and their ``key`` was computed exactly that way."""
+    return entry.get("config_key") or (entry.get("key") if "code" not in entry else None)
+
+
+def stale_stages(cfg: RunConfig, run_dir: Path, stages: list[Stage], *, reuse_stale: bool = False) -> list[str]:
+    """Names of the stages (in order) that a run would recompute: not done, other key, or outputs changed
+    (with ``reuse_stale``, a key that differs only by the code fingerprint counts as current)."""
+    manifest = load_manifest(run_dir)
+    stale = []
+    for stage in stages:
+        entry = manifest.get("stages", {}).get(stage.name, {})
+        current = entry.get("key") == stage_key(stage, cfg, manifest) or (
+            reuse_stale and _config_key(entry) == stage_key(stage, cfg, manifest, code=False))
+        if set(stale).intersection(stage.inputs) or entry.get("status") != "done" or not current \
+                or entry.get("incomplete") or not outputs_valid(run_dir, entry):
+            stale.append(stage.name)
+    return stale
+
+
+def _release_followers(stage: str, ctx: StageContext) -> None:
+    """Under torchrun, rank 0 tells the other ranks to run ``stage`` with this context (pipeline/train/distributed.py)."""
+    from ..train import distributed
+
+    if distributed.active() is not None and stage in distributed.DISTRIBUTED_STAGES:
+        distributed.broadcast({"stage": stage, "run_dir": str(ctx.run_dir),
+                               "inputs": {n: {k: str(p) for k, p in d.items()} for n, d in ctx.inputs.items()},
+                               "metrics_of": ctx.metrics_of,
+                               "resume_dir": str(ctx.resume_dir) if ctx.resume_dir else None})
+
+
+def follow_pipeline(cfg: RunConfig, stages: list[Stage], *, log=print) -> None:
+    """Ranks > 0 under torchrun: run each distributed stage rank 0 announces, in lockstep with it, into a scratch
+    folder that is thrown away; return when rank 0 is done (it broadcasts None)."""
+    import tempfile
+
+    from ..train import distributed
+
+    by_name = {s.name: s for s in stages}
+    while (msg := distributed.broadcast()) is not None:
+        stage = by_name[msg["stage"]]
+        with tempfile.TemporaryDirectory(prefix=f"pipeline-rank-{stage.name}-") as scratch:
+            ctx = StageContext(cfg=cfg, run_dir=Path(msg["run_dir"]), out_dir=Path(scratch),
+                               inputs={n: {k: Path(p) for k, p in d.items()} for n, d in msg["inputs"].items()},
+                               metrics_of=msg["metrics_of"], log=lambda m: None,
+                               resume_dir=Path(msg["resume_dir"]) if msg["resume_dir"] else None)
+            stage.run(ctx)
+
+
+def run_pipeline(cfg: RunConfig, run_dir: Path, stages: list[Stage], *, log=print, after_stage=None,
+                 reuse_stale: bool = False, donors: tuple[Path, ...] = ()) -> dict:
+    """Run or skip each stage in order. A stage is skipped when its key and output hashes match its entry;
+    with ``reuse_stale`` also when only its code fingerprint differs (recorded in the entry as ``stale_code``).
+    A stage that would run is first looked up in the ``donors`` (other run folders, e.g. earlier points of a
+    sweep): one that finished there with the same key is linked in instead of recomputed (``shared_from``)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with run_dir_lock(run_dir):
+        return _run_locked(cfg, run_dir, stages, log=log, after_stage=after_stage, reuse_stale=reuse_stale,
+                           donors=donors)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    """Hard links cost no space; artifacts are only ever replaced whole (atomic writes), never edited in place."""
+    import os
+
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _swap_in(run_dir: Path, name: str) -> Path:
+    """Replace ``run_dir/name`` by the finished ``run_dir/.name.tmp`` in whole, so a crash never leaves a
+    half-written stage folder behind."""
+    final_dir, tmp_dir, old_dir = run_dir / name, run_dir / f".{name}.tmp", run_dir / f".{name}.old"
+    shutil.rmtree(old_dir, ignore_errors=True)
+    if final_dir.exists():
+        final_dir.rename(old_dir)
+    tmp_dir.rename(final_dir)
+    shutil.rmtree(old_dir, ignore_errors=True)
+    return final_dir
+
+
+def _adopt(stage: Stage, key: str, run_dir: Path, manifest: dict, donors: tuple[Path, ...]) -> Path | None:
+    for donor in donors:
+        if Path(donor).resolve() == run_dir.resolve():
+            continue
+        try:
+            entry = load_manifest(Path(donor)).get("stages", {}).get(stage.name, {})
+        except ManifestError:
+            continue
+        if entry.get("status") != "done" or entry.get("key") != key or entry.get("incomplete") \
+                or not outputs_valid(Path(donor), entry):
+            continue
+        tmp = run_dir / f".{stage.name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(Path(donor) / stage.name, tmp, copy_function=_link_or_copy)
+        _swap_in(run_dir, stage.name)
+        manifest["stages"][stage.name] = {**{k: v for k, v in entry.items() if k not in ("last_failure", "stale_code")},
+                                          "shared_from": str(Path(donor).resolve()), "shared_at": now()}
+        write_json(run_dir / MANIFEST, manifest)
+        return Path(donor)
+    return None
+
+
+def _resume_dir(run_dir: Path, stage: str, key: str) -> Path:
+    """``RUN/.<stage>.resume``, emptied unless it was written under this very key (config, inputs and code):
+    a checkpoint of other settings or other code must never be continued."""
+    folder = run_dir / f".{stage}.resume"
+    tag = folder / "KEY"
+    if folder.exists() and (not tag.is_file() or tag.read_text().strip() != key):
+        shutil.rmtree(folder)
+    if not tag.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(tag, key + "\n")
+    return folder
+
+
+def _run_locked(cfg: RunConfig, run_dir: Path, stages: list[Stage], *, log, after_stage, reuse_stale: bool,
+                donors: tuple[Path, ...] = ()) -> dict:
+    manifest = load_manifest(run_dir)
+    manifest.setdefault("stages", {})
+    manifest.update({"config": to_dict(cfg), "versions": package_versions(), "git_commit": git_commit(),
+                     "command": sys.argv, "updated": now()})
+    reran: set[str] = set()
+    for stage in stages:
+        key = stage_key(stage, cfg, manifest)
+        entry = manifest["stages"].get(stage.name, {})
+        # an input that was recomputed forces a rerun even if its hashes came out the same
+        done = not reran.intersection(stage.inputs) and entry.get("status") == "done"
+        if done and entry.get("incomplete"):
+            log(f"[{stage.name}] retrying: the last run was incomplete ({entry['incomplete']})")
+        elif done and entry.get("key") == key and outputs_valid(run_dir, entry):
+            log(f"[{stage.name}] skipped: up to date (key {key[:12]})")
+            continue
+        if done and not entry.get("incomplete") and reuse_stale and _config_key(entry) == stage_key(stage, cfg, manifest, code=False) \
+                and outputs_valid(run_dir, entry):
+            entry["stale_code"] = {"built_with": entry.get("code"), "current": stage_code(stage), "reused": now()}
+            write_json(run_dir / MANIFEST, manifest)
+            log(f"[{stage.name}] skipped: built by other code, reused because of --reuse-stale")
+            continue
+        # a donor's result is only as good as its inputs: never share below a stage that reran here
+        donor = None if reran.intersection(stage.inputs) else _adopt(stage, key, run_dir, manifest, donors)
+        if donor is not None:
+            log(f"[{stage.name}] shared: finished with the same key in {donor}")
+            continue
+        reran.add(stage.name)
+        log(f"[{stage.name}] running")
+        final_dir = run_dir / stage.name
+        tmp_dir = run_dir / f".{stage.name}.tmp"
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        tmp_dir.mkdir(parents=True)
+        ctx = StageContext(cfg=cfg, run_dir=run_dir, out_dir=tmp_dir,
+                           inputs={n: {k: run_dir / v["path"] for k, v in manifest["stages"][n]["outputs"].items()}
+                                   for n in stage.inputs},
+                           metrics_of={n: manifest["stages"][n].get("metrics", {}) for n in stage.inputs},
+                           log=lambda msg, _n=stage.name: log(f"[{_n}] {msg}"),
+                           resume_dir=_resume_dir(run_dir, stage.name, key))
+        started, t0 = now(), time.perf_counter()
+        try:
+            _release_followers(stage.name, ctx)
+            result = stage.run(ctx)
+        except BaseException as e:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+            failure = {"key": key, "failed_at": now(), "error": f"{type(e).__name__}: {e}"[:500]}
+            # A good entry (and its untouched folder) survives a failed or interrupted rerun, so going back to
+            # the config that produced it reuses it instead of recomputing it.
+            good = entry if entry.get("status") == "done" else {"status": "failed", "key": key}
+            manifest["stages"][stage.name] = {**good, "last_failure": failure}
+            write_json(run_dir / MANIFEST, manifest)
+            raise
+        shutil.rmtree(ctx.resume_dir, ignore_errors=True)   # finished: the mid-stage checkpoint is spent
+        _swap_in(run_dir, stage.name)
+        outputs = {}
+        for name, path in result.outputs.items():
+            rel = Path(path).relative_to(tmp_dir)
+            outputs[name] = {"path": str(Path(stage.name) / rel), "sha256": sha256_file(final_dir / rel)}
+        manifest["stages"][stage.name] = {
+            "status": "done", "key": key, "config_key": stage_key(stage, cfg, manifest, code=False),
+            "code": stage_code(stage), "config": {s: to_dict(cfg)[s] for s in stage.sections},
+            "inputs": list(stage.inputs), "outputs": outputs, "metrics": result.metrics,
+            "started": started, "finished": now(), "seconds": round(time.perf_counter() - t0, 3),
+            **({"incomplete": result.incomplete} if result.incomplete else {})}
+        write_json(run_dir / MANIFEST, manifest)
+        log(f"[{stage.name}] done in {time.perf_counter() - t0:.1f}s")
+        if after_stage is not None:
+            after_stage(stage.name, manifest)
+    manifest["updated"] = now()
+    write_json(run_dir / MANIFEST, manifest)
+    return manifest

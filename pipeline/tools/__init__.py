@@ -1,0 +1,1 @@
+"""Side tools that are not stages: training-throughput benchmarks (``pipeline bench-train``)."""

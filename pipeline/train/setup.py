@@ -1,0 +1,66 @@
+"""What every stage that touches data or models shares: the data splits and evaluated test images exactly as the
+config defines them, the torch device, seeding, and the model's build arguments. The config is read as values
+(the stage key hashes it), never imported."""
+from __future__ import annotations
+
+import functools
+import random
+
+import torch
+
+from ..core import seeds
+from .data import Split, load_cifar10, to_float, train_val_split
+
+
+@functools.lru_cache(maxsize=2)
+def _cifar(root: str, download: bool):
+    return load_cifar10(root, download)
+
+
+def data_splits(cfg) -> tuple[Split, Split, Split]:
+    """(train, val, test) exactly as the config defines them; val is held out of the training set."""
+    d = cfg.data
+    train_full, test = _cifar(d.root, d.download)
+    train, val = train_val_split(train_full, d.val_size, d.split_seed)
+    train = train.subset(d.train_subset, d.split_seed + seeds.TRAIN_SUBSET)
+    test = test.subset(d.test_subset, d.split_seed + seeds.TEST_SUBSET)
+    return train, val, test
+
+
+def validation_split(cfg, val: Split) -> Split:
+    """The validation images the training stages score every epoch (train.val_subset of the split)."""
+    return val.subset(cfg.train.val_subset, cfg.data.split_seed + seeds.VAL_SUBSET)
+
+
+def eval_images(cfg):
+    """The evaluated test images (float, [0, 1]) and labels: data.test_subset, then a seeded eval.images subset."""
+    _, _, test = data_splits(cfg)
+    test = test.subset(cfg.eval.images, cfg.data.split_seed + seeds.EVAL_SUBSET)
+    return to_float(test.images), test.labels, test
+
+
+def device_of(cfg) -> torch.device:
+    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("device = 'cuda' but torch sees no CUDA device")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (timing on a GPU); nothing on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def model_kwargs(cfg) -> dict:
+    kwargs = {"ensemble": cfg.model.ensemble, "noise_coef": cfg.model.noise_coef}
+    if not cfg.model.normalize:   # only when off, so descriptions written before the switch existed still match
+        kwargs["normalize"] = False
+    return kwargs
