@@ -7,10 +7,13 @@ JOB.json (paths relative to the job file's folder)::
 
     {"models": {"dense": "dense.onnx", ...},            # name -> ONNX file
      "inputs": "inputs.npy",                             # float32 [K,3,32,32] images in [0,1] for predictions
+                                                         # (absent or null: no predictions, timing only)
+     "shapes": {"unit": [16, 32, 32]},                   # optional: a model's input shape without the batch
      "predict_batch": 50,
      "settings": [{"batch": 1, "threads": 1}, ...],      # timed settings; threads 0 = all cores
      "levels": ["all"],                                  # levels timed, or {model: [levels]} per model
-     "warmup": 10, "runs": 50, "seed": 0}
+     "warmup": 10, "runs": 50, "seed": 0,
+     "interleave": true}                                 # false: each model's runs back to back (steady state)
 
 RESULT.json: ``runtime`` (onnxruntime version, provider, machine, CPU model, emulation flag), per-model ``logits``
 on the inputs (level ``all``, one thread, batch ``predict_batch``) and file size, and ``latency`` rows with
@@ -72,7 +75,8 @@ def main(job_path, result_path):
     with open(job_path) as f:
         job = json.load(f)
     models = {name: os.path.join(base, p) for name, p in job["models"].items()}
-    inputs = np.load(os.path.join(base, job["inputs"])).astype(np.float32)
+    inputs = np.load(os.path.join(base, job["inputs"])).astype(np.float32) if job.get("inputs") else None
+    shapes = {name: tuple(job.get("shapes", {}).get(name) or inputs.shape[1:]) for name in models}
     cores = os.cpu_count() or 1
     result = {
         "runtime": {"onnxruntime": ort.__version__, "provider": "CPUExecutionProvider",
@@ -84,34 +88,45 @@ def main(job_path, result_path):
 
     batch = int(job.get("predict_batch", 50))
     for name, path in models.items():
+        result["models"][name] = {"bytes": os.path.getsize(path)}
+        if inputs is None:
+            continue
         t0 = time.perf_counter()
         s = session(ort, path, 1, "all")
         load_s = time.perf_counter() - t0
         feed = s.get_inputs()[0].name
         logits = np.concatenate([s.run(None, {feed: inputs[i:i + batch]})[0] for i in range(0, len(inputs), batch)])
-        result["models"][name] = {"bytes": os.path.getsize(path), "session_s": load_s,
-                                  "logits": logits.astype(np.float64).round(6).tolist()}
+        result["models"][name].update(session_s=load_s, logits=logits.astype(np.float64).round(6).tolist())
 
     rng = np.random.default_rng(int(job.get("seed", 0)))
     warmup, runs = int(job["warmup"]), int(job["runs"])
     for setting in job["settings"]:
         b, threads = int(setting["batch"]), int(setting["threads"]) or cores
-        x = rng.random((b, *inputs.shape[1:]), dtype=np.float32)
+        xs = {shape: rng.random((b, *shape), dtype=np.float32) for shape in dict.fromkeys(shapes.values())}
         levels = job["levels"]
         pairs = [(name, level) for name in models
                  for level in (levels[name] if isinstance(levels, dict) else levels)]
         sess = {p: session(ort, models[p[0]], threads, p[1]) for p in pairs}
-        feeds = {p: {s.get_inputs()[0].name: x} for p, s in sess.items()}
+        feeds = {p: {s.get_inputs()[0].name: xs[shapes[p[0]]]} for p, s in sess.items()}
         for p, s in sess.items():
             for _ in range(warmup):
                 s.run(None, feeds[p])
         times = {p: [] for p in pairs}
-        for r in range(runs):
-            # alternate the order: cancels drift and first-in-round cache effects
-            for p in (pairs if r % 2 == 0 else pairs[::-1]):
-                t0 = time.perf_counter_ns()
-                sess[p].run(None, feeds[p])
-                times[p].append(time.perf_counter_ns() - t0)
+        if job.get("interleave", True):
+            for r in range(runs):
+                # alternate the order: cancels drift and first-in-round cache effects
+                for p in (pairs if r % 2 == 0 else pairs[::-1]):
+                    t0 = time.perf_counter_ns()
+                    sess[p].run(None, feeds[p])
+                    times[p].append(time.perf_counter_ns() - t0)
+        else:   # many small graphs (a latency table): each one warm, as it runs inside a deployed network
+            for p in pairs:
+                for _ in range(warmup):
+                    sess[p].run(None, feeds[p])
+                for _ in range(runs):
+                    t0 = time.perf_counter_ns()
+                    sess[p].run(None, feeds[p])
+                    times[p].append(time.perf_counter_ns() - t0)
         for (name, level), ts in times.items():
             result["latency"].append({"model": name, "graph_optimization": level, "batch": b, "threads": threads,
                                       **percentiles(ts)})

@@ -66,7 +66,21 @@ class PreActBlock(nn.Module):
             self.shortcut = nn.Conv2d(in_planes, planes, 1, stride, bias=False)
         self.noise = ResidualNoise(noise_coef)
 
+    @property
+    def has_branch(self) -> bool:
+        """False once surgery removed the residual branch (conv1, bn2, conv2: a block-internal family pruned to
+        width 0); the block is then its shortcut, noise included."""
+        return self.conv1 is not None
+
+    def remove_branch(self) -> None:
+        """Drop conv1, bn2 and conv2 (and bn1 when the shortcut is the identity: nothing else reads it)."""
+        self.conv1 = self.bn2 = self.conv2 = None
+        if self.shortcut is None:
+            self.bn1 = None
+
     def forward(self, x):
+        if self.conv1 is None:
+            return self.noise(self.shortcut(F.relu(self.bn1(x))) if self.shortcut is not None else x)
         pre = F.relu(self.bn1(x))
         shortcut = self.shortcut(pre) if self.shortcut is not None else x
         out = self.conv1(pre)

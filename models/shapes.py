@@ -1,7 +1,8 @@
 """Architecture descriptions that survive channel removal without pickling modules.
 
 A description is plain JSON: the registry name, its kwargs, and the shape of every conv/BN/linear that
-differs from the registry's dense build. Rebuilding resizes those modules, then ``load_state_dict`` fills them.
+differs from the registry's dense build (``null`` for one that was removed: a residual branch pruned away).
+Rebuilding resizes (or removes) those modules, then ``load_state_dict`` fills them.
 """
 from __future__ import annotations
 
@@ -23,11 +24,15 @@ def _dims(m: nn.Module):
 def describe(model: nn.Module, arch: str, kwargs: dict) -> dict:
     dense = create_model(arch, **kwargs)
     dense_dims = {n: _dims(m) for n, m in dense.named_modules()}
+    present = dict(model.named_modules())
     shapes = {}
-    for name, m in model.named_modules():
-        d = _dims(m)
-        if d is not None and d != dense_dims.get(name):
-            shapes[name] = d
+    for name, d in dense_dims.items():
+        if d is None:
+            continue
+        if name not in present:
+            shapes[name] = None
+        elif _dims(present[name]) != d:
+            shapes[name] = _dims(present[name])
     return {"arch": arch, "kwargs": dict(kwargs), "shapes": shapes}
 
 
@@ -47,5 +52,5 @@ def build_from_description(desc: dict) -> nn.Module:
     for name, dims in desc["shapes"].items():
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, _resized(getattr(parent, attr), dims))
+        setattr(parent, attr, None if dims is None else _resized(getattr(parent, attr), dims))
     return model

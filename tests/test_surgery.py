@@ -115,7 +115,7 @@ def test_nothing_to_remove():
     assert ref.keys() == new.keys() and all(torch.equal(ref[k], new[k]) for k in ref)
 
 
-def test_fully_dead_layer_keeps_one_channel():
+def test_a_fully_dead_block_internal_layer_takes_its_branch_with_it():
     model = make_model(seed=4)
     conv2 = model.members[0].layer2[0].conv2
     for i in range(conv2.in_channels):
@@ -123,10 +123,22 @@ def test_fully_dead_layer_keeps_one_channel():
     x = example_input()
     res = remove_dead_channels(model, x)
     assert res.zero_channels == 8
-    assert res.removed_channels == 7 and res.kept_for_shape == 1
-    assert res.removed_fraction == pytest.approx(7 / 8)
+    # depth pruning: the branch adds exactly zero, so conv1, bn2 and conv2 go and the block is its shortcut
+    assert res.removed_branches == ["members.0.layer2.0"]
+    assert res.removed_channels == 8 and res.kept_for_shape == 0 and res.removed_fraction == 1.0
     pruned = res.model.members[0].layer2[0]
-    assert pruned.conv1.out_channels == 1 and pruned.bn2.num_features == 1 and pruned.conv2.in_channels == 1
+    assert pruned.conv1 is None and pruned.bn2 is None and pruned.conv2 is None and pruned.shortcut is not None
+    assert res.max_abs_diff <= 1e-5
+
+
+def test_a_fully_dead_stream_keeps_one_channel():
+    model = make_model(seed=4)
+    with torch.no_grad():
+        model.members[0].linear.weight.zero_()       # nothing reads the last stage's residual stream any more
+    res = remove_dead_channels(model, example_input())
+    assert res.removed_branches == []
+    member = res.model.members[0]
+    assert member.linear.in_features == 1 and member.bn.num_features == 1   # a layer with 0 channels is not valid
     assert res.max_abs_diff <= 1e-5
 
 

@@ -178,17 +178,16 @@ def _family(group, dg, names: dict[nn.Module, str]) -> ChannelFamily | None:
     return ChannelFamily(names[root], width, tuple(slices[k] for k in sorted(slices)))
 
 
-def _output_pixels(model: nn.Module, example_input: torch.Tensor) -> dict[int, int]:
-    """id(weight) -> output positions per image of its conv (1 for linear layers), from one noise-off pass."""
+def output_positions(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:
+    """Module name -> output positions per image (height x width) of every conv and BN, from one noise-off pass
+    in eval mode (the model's modes are restored)."""
     from models import noise_disabled
 
-    pixels, hooks = {}, []
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
+    positions, hooks = {}, []
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.BatchNorm2d)):
             hooks.append(m.register_forward_hook(
-                lambda mod, inp, out: pixels.__setitem__(id(mod.weight), out.shape[-1] * out.shape[-2])))
-        elif isinstance(m, nn.Linear):
-            pixels[id(m.weight)] = 1
+                lambda mod, inp, out, _n=name: positions.__setitem__(_n, out.shape[-1] * out.shape[-2])))
     modes = {m: m.training for m in model.modules()}
     try:
         with noise_disabled(model), torch.no_grad():
@@ -198,7 +197,19 @@ def _output_pixels(model: nn.Module, example_input: torch.Tensor) -> dict[int, i
             h.remove()
         for m, training in modes.items():
             m.training = training
-    return pixels
+    return positions
+
+
+def _output_pixels(model: nn.Module, example_input: torch.Tensor) -> dict[int, int]:
+    """id(weight) -> output positions per image of its conv (1 for linear layers)."""
+    positions = output_positions(model, example_input)
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            out[id(m.weight)] = positions[name]
+        elif isinstance(m, nn.Linear):
+            out[id(m.weight)] = 1
+    return out
 
 
 def group_costs(model: nn.Module, families: list[ChannelFamily], example_input: torch.Tensor,

@@ -37,6 +37,11 @@ The l0 term then prices every removed MAC (or weight) alike, and groups of iid w
 are judged alike whatever their size. The group lasso weight is lambda2·sqrt(c_f) (Yuan & Lin, 2006).
 Without ``scales`` (the paper's grouping) every group gets lambda1 and lambda2 unchanged.
 
+A budget instead of lambda1 (``budget``, pipeline/algorithms/budget.py): the prox keeps, per family, the k_f
+groups of largest norm, with the widths k_f chosen jointly -- the least (beta/2)·Σ dropped ||w_g||² whose
+network cost (MACs, parameters or latency) stays within the budget's limit -- so every projection lands inside
+the budget by construction. lambda1 is then unused; lambda2 still weighs the group lasso.
+
 Coupled groups overlap (a conv weight element belongs to its output channel's group and its input
 channel's group). Each family's decision is made on the current w, and u zeroes every element that any
 dropped group contains -- the exact prox for disjoint groups, its usual approximation for overlapping ones.
@@ -44,10 +49,45 @@ dropped group contains -- the exact prox for disjoint groups, its usual approxim
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
+from .budget import Problem, group_loss, solve
 from .groups import ChannelFamily, input_channel_family
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Widths chosen jointly under a cost limit: ``problem.options[f]`` are family f's allowed widths (in the
+    sparsifier's family order), ``limit`` the cost no projection may exceed, ``reference`` the dense cost."""
+    problem: Problem
+    limit: float
+    reference: float
+    kind: str = "macs"
+
+    def widths(self, sq_norms: list[torch.Tensor], beta: float) -> list[int]:
+        """The cheapest-loss widths for these group norms (ValueError if no layout fits the limit)."""
+        losses = [group_loss(s.detach().double().cpu().numpy(), o, beta) for s, o in zip(sq_norms, self.problem.options)]
+        choice = solve(self.problem, losses, self.limit)
+        if choice is None:
+            raise ValueError(f"no layout fits the {self.kind} budget {self.limit:.4g}")
+        return self.problem.widths(choice)
+
+    def cost_of(self, widths: list[int]) -> float | None:
+        """The cost of a layout on the allowed widths (None when a width is not one of them)."""
+        try:
+            return self.problem.cost([o.index(k) for o, k in zip(self.problem.options, widths)])
+        except ValueError:
+            return None
+
+
+def top_k_mask(sq_norms: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k`` groups of largest norm (ties: the earlier group)."""
+    order = torch.sort(sq_norms.detach(), descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(len(order), device=order.device)
+    return rank < k
 
 
 def group_hard_threshold(weight: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -108,14 +148,16 @@ class RGSM:
     """RGSM over ``groups``: a list of ``ChannelFamily`` or, for the paper's grouping, bare conv weights."""
 
     def __init__(self, groups, *, beta: float, lambda1: float, lambda2: float, align: int = 1, min_keep: int = 0,
-                 scales: list[float] | None = None, prox: str = "hard"):
+                 scales: list[float] | None = None, prox: str = "hard", budget: Budget | None = None):
         if not beta > 0:
             raise ValueError(f"beta must be > 0, got {beta}")
         if prox not in ("hard", "soft"):
             raise ValueError(f"prox must be 'hard' (group l0) or 'soft' (group lasso), got {prox!r}")
-        if prox == "soft" and (align != 1 or min_keep):
-            raise ValueError("the soft (group-lasso) prox has no aligned variant: use align=1, min_keep=0")
+        if prox == "soft" and (align != 1 or min_keep or budget is not None):
+            raise ValueError("the soft (group-lasso) prox has no aligned variant (nor a budgeted one): use align=1, "
+                             "min_keep=0, no budget")
         self.prox = prox
+        self.budget = budget
         groups = list(groups)
         self.families: list[ChannelFamily] = (
             groups if all(isinstance(g, ChannelFamily) for g in groups)
@@ -128,6 +170,9 @@ class RGSM:
         self.scales = [1.0] * len(self.families) if scales is None else [float(x) for x in scales]
         if len(self.scales) != len(self.families) or not all(x > 0 for x in self.scales):
             raise ValueError(f"need one positive scale per family ({len(self.families)}), got {scales!r}")
+        if budget is not None and len(budget.problem.options) != len(self.families):
+            raise ValueError(f"the budget has widths for {len(budget.problem.options)} families, the sparsifier "
+                             f"{len(self.families)}")
         self.projections = 0
 
     @property
@@ -146,6 +191,10 @@ class RGSM:
         return math.sqrt(2.0 * self.lambda1 / self.beta)
 
     def describe(self) -> str:
+        if self.budget is not None:
+            return (f"RGSM ({len(self.families)} families) to a {self.budget.kind} budget: at most "
+                    f"{self.budget.limit:.6g} (dense {self.budget.reference:.6g}, "
+                    f"{self.budget.reference / self.budget.limit:.3g}x less), widths chosen jointly")
         rule = f"sqrt(2*{self.lambda1}/{self.beta})" if self.prox == "hard" else \
             f"{self.lambda1}/{self.beta} (group soft threshold)"
         scaled = any(c != 1.0 for c in self.scales)
@@ -162,6 +211,9 @@ class RGSM:
         """Per family, which groups u keeps (computed from the current w)."""
         if self.prox == "soft":
             return [f.sq_norms().sqrt() > t for f, t in zip(self.families, self.family_thresholds())]
+        if self.budget is not None:
+            sq = [f.sq_norms() for f in self.families]
+            return [top_k_mask(s, k) for s, k in zip(sq, self.budget.widths(sq, self.beta))]
         return [aligned_group_l0_keep(f.sq_norms(), self.lambda1 * c, self.beta, self.align, self.min_keep)
                 for f, c in zip(self.families, self.scales)]
 
@@ -225,9 +277,20 @@ class RGSM:
         """Family name -> number of nonzero groups now."""
         return {f.name: int((f.sq_norms() > 0).sum()) for f in self.families}
 
+    def budget_status(self) -> dict:
+        """The budget's cost of the current widths and dense ÷ that (after a projection the widths are a
+        solved layout); empty without a budget."""
+        if self.budget is None:
+            return {}
+        cost = self.budget.cost_of(list(self.kept_widths().values()))
+        if cost is None:
+            return {}
+        return {f"{self.budget.kind}_cost": cost, "cost_ratio": self.budget.reference / cost}
+
     def state_dict(self) -> dict:
         return {"prox": self.prox, "beta": self.beta, "lambda1": self.lambda1, "lambda2": self.lambda2, "align": self.align,
-                "min_keep": self.min_keep, "scales": list(self.scales), "projections": self.projections}
+                "min_keep": self.min_keep, "scales": list(self.scales), "projections": self.projections,
+                **({"budget_limit": self.budget.limit} if self.budget is not None else {})}
 
     def load_state_dict(self, state: dict) -> None:
         self.beta, self.lambda1, self.lambda2 = state["beta"], state["lambda1"], state["lambda2"]

@@ -14,7 +14,7 @@ magnitude (not the noiseless function).
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -33,12 +33,13 @@ _PASS_THROUGH = (tp.ops.OPTYPE.BN, tp.ops.OPTYPE.ELEMENTWISE, tp.ops.OPTYPE.RESH
 @dataclass
 class SurgeryResult:
     model: nn.Module          # physically pruned deep copy; the input model is untouched
-    removed_channels: int     # conv input-channel groups that disappeared (paper's group unit)
+    removed_channels: int     # zero conv input-channel groups that disappeared (paper's group unit)
     zero_channels: int        # groups with l2 norm < tol in the input model, all convs of all members
     total_channels: int       # sum of C_in over all convs of the input model (675 per ResNet20 member)
     removed_fraction: float   # removed_channels / zero_channels; 0.0 when there are no zero groups
     kept_for_shape: int       # zero groups kept only so that no layer ends up with 0 channels
     max_abs_diff: float       # max |logits(pruned) - logits(input)|, noise off, eval mode, float64
+    removed_branches: list[str] = field(default_factory=list)   # blocks whose residual branch went whole
 
 
 def _dead_mask(group, dg: tp.DependencyGraph, n: int, tol: float) -> tuple[torch.Tensor, int]:
@@ -65,6 +66,14 @@ def _dead_mask(group, dg: tp.DependencyGraph, n: int, tol: float) -> tuple[torch
     return dead, conv_readers
 
 
+def _branch_owners(model: nn.Module) -> dict[nn.Module, nn.Module]:
+    """conv1 of every pre-activation block -> the block: when no reader uses any of conv1's channels, the whole
+    residual branch (conv1, bn2, conv2) contributes exactly zero and goes (depth pruning)."""
+    from models import PreActBlock
+
+    return {m.conv1: m for m in model.modules() if isinstance(m, PreActBlock) and m.has_branch}
+
+
 def _logits64(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     # float64 so that the parity check measures the surgery, not float32 summation-order noise.
     m = copy.deepcopy(model).double().eval()
@@ -87,13 +96,17 @@ def remove_dead_channels(model: nn.Module, example_input: torch.Tensor, tol: flo
     # DependencyGraph traces through autograd and calls eval(); noise off because std() mixes all channels.
     with noise_disabled(work), torch.enable_grad():
         dg = tp.DependencyGraph().build_dependency(work, example_inputs=x, verbose=False)
-        plan = []
+        plan, branches = [], []
+        owner = _branch_owners(work)
         # Conv out-channel groups cover every conv input except the stem's RGB, which is never pruned.
         for group in dg.get_all_groups(root_module_types=(nn.Conv2d,)):
             root = group[0].dep.target.module
             dead, conv_readers = _dead_mask(group, dg, root.out_channels, tol)
             idxs = dead.nonzero().flatten().tolist()
             if len(idxs) == root.out_channels:
+                if root in owner:   # a residual branch that adds nothing: the block becomes its shortcut
+                    branches.append(owner[root])
+                    continue
                 idxs = idxs[1:]  # keep one channel: layers with 0 channels are not valid modules
                 kept_for_shape += conv_readers
             if idxs:
@@ -101,6 +114,8 @@ def remove_dead_channels(model: nn.Module, example_input: torch.Tensor, tol: flo
         # Groups are disjoint, so pruning one does not shift the indices of another.
         for root, idxs in plan:
             dg.get_pruning_group(root, tp.prune_conv_out_channels, idxs).prune()
+    for block in branches:
+        block.remove_branch()
 
     # torch-pruning replaces parameters with fresh ones: restore the input's modes and freezing.
     src_modules = dict(model.named_modules())
@@ -115,7 +130,11 @@ def remove_dead_channels(model: nn.Module, example_input: torch.Tensor, tol: flo
     if not max_abs_diff <= PARITY_TOL:
         raise RuntimeError(f"channel surgery changed the logits by {max_abs_diff:.3g} > {PARITY_TOL}")
 
-    removed = sum(c_in_before[n] - m.in_channels for n, m in work.named_modules() if isinstance(m, nn.Conv2d))
+    after = {n: m.in_channels for n, m in work.named_modules() if isinstance(m, nn.Conv2d)}
+    zero_before = {n: int((group_norms(m.weight) < tol).sum()) for n, m in model.named_modules()
+                   if isinstance(m, nn.Conv2d)}
+    # a conv that went with its branch counts its zero input groups (its other inputs fed only the dead branch)
+    removed = sum(c_in - after[n] if n in after else zero_before[n] for n, c_in in c_in_before.items())
     return SurgeryResult(
         model=work,
         removed_channels=removed,
@@ -124,6 +143,7 @@ def remove_dead_channels(model: nn.Module, example_input: torch.Tensor, tol: flo
         removed_fraction=removed / zero if zero else 0.0,
         kept_for_shape=kept_for_shape,
         max_abs_diff=max_abs_diff,
+        removed_branches=sorted(n for n, m in work.named_modules() if m in set(branches)),
     )
 
 

@@ -2,7 +2,8 @@
 variant, and int8), each artifact's torch twin, and where each lives in the manifest.
 
 - models: ``dense`` (the train stage's checkpoint), ``masked`` (the prune stage's, zero channels still in place),
-  ``pruned`` (the surgery stage's, physically smaller); ``dense`` and ``pruned`` are deployed (exported);
+  ``pruned`` (physically smaller: the surgery stage's, through the finetune stage, which trains it further when
+  finetune.epochs > 0); ``dense`` and ``pruned`` are deployed (exported);
 - noise variants of an exported model: ``deterministic`` (noise removed), ``stochastic`` (EnResNet's noise as
   trained: std over the batch tensor), ``per_sample`` (std per image); ``int8`` is the quantized deterministic graph;
 - eval modes: how the eval stage runs a torch model's noise -- its *twin* of each variant is the mode that computes
@@ -10,7 +11,7 @@ variant, and int8), each artifact's torch twin, and where each lives in the mani
 """
 from __future__ import annotations
 
-SOURCES = {"dense": "train", "masked": "prune", "pruned": "surgery"}   # model -> the stage that writes it
+SOURCES = {"dense": "train", "masked": "prune", "pruned": "finetune"}   # model -> the stage that writes it
 DEPLOYED = ("dense", "pruned")                                         # the models exported to ONNX
 
 NOISE_OF_VARIANT = {"deterministic": "off", "stochastic": "batch", "per_sample": "per_sample"}   # models.noise_mode

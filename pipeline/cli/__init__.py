@@ -38,6 +38,13 @@ def _parser() -> argparse.ArgumentParser:
                     help="override an eval.* (or paper.*) setting, e.g. --set eval.images=200")
     ev.add_argument("--reuse-stale", action="store_true",
                     help="accept earlier stages whose code changed since they ran (as for 'pipeline run')")
+    bl = sub.add_parser("baseline", parents=[common],
+                        help="train the pruned run's final widths from scratch for the same epochs; bench it beside")
+    bl.add_argument("--run", required=True, help="a finished pruned run folder; the baseline goes to RUN/baseline")
+    bl.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="override a value of the baseline's config (the run's, with model.widths and the epochs)")
+    bl.add_argument("--reuse-stale", action="store_true", help="as for 'pipeline run'")
+    bl.add_argument("--until", metavar="STAGE", help="stop the baseline after this stage (e.g. train)")
     sw = sub.add_parser("sweep", parents=[common], help="one run per grid point; shared upstream stages; sweep.md")
     sw.add_argument("--config", required=True)
     sw.add_argument("--grid", action="append", default=[], metavar="SECTION.KEY=V1,V2,...",
@@ -48,6 +55,10 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("--reuse-stale", action="store_true", help="as for 'pipeline run'")
     sw.add_argument("--share-from", action="append", default=[], metavar="DIR",
                     help="also take finished stages with the same key from this run (or sweep) folder; repeatable")
+    sw.add_argument("--baseline", action="store_true",
+                    help="also train each point's pruned widths from scratch ('pipeline baseline') and plot both")
+    sw.add_argument("--until", metavar="STAGE",
+                    help="stop every point (and baseline) after this stage; no tables (finish them with a rerun)")
     show = sub.add_parser("show-config", parents=[common], help="print the resolved config as TOML-like key = value lines")
     show.add_argument("--config", required=True)
     show.add_argument("--set", action="append", default=[])
@@ -108,6 +119,8 @@ def _main(argv: list[str] | None) -> int:
             return _eval(args)
         if args.command == "sweep":
             return _sweep(args)
+        if args.command == "baseline":
+            return _baseline(args)
         if args.command == "device":
             return _device(args)
         overrides = list(args.set)
@@ -127,7 +140,6 @@ def _main(argv: list[str] | None) -> int:
             return 0
         from ..report import write_report
         from ..run.runner import follow_pipeline, run_pipeline
-        from ..stages import STAGES
         from ..train import distributed
 
         if args.nproc != 1:
@@ -136,10 +148,7 @@ def _main(argv: list[str] | None) -> int:
         out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
         if out.exists() and not out.is_dir():
             return _fail(f"--out {out}: exists and is not a directory")
-        names = [s.name for s in STAGES]
-        if args.until is not None and args.until not in names:
-            return _fail(f"--until {args.until}: expected one of {', '.join(names)}")
-        stages = STAGES[:names.index(args.until) + 1] if args.until else STAGES
+        stages = stages_until(args.until)
         t0 = time.perf_counter()
         for d in args.share_from:
             if not Path(d).is_dir():
@@ -237,7 +246,12 @@ def _sweep(args) -> int:
         return _fail(f"--out {out}: exists and is not a directory")
     t0 = time.perf_counter()
     sweep = run_sweep(args.config, args.grid, args.set, out, log=lambda m: print(m, flush=True),
-                      reuse_stale=args.reuse_stale, share_from=tuple(Path(d) for d in args.share_from))
+                      reuse_stale=args.reuse_stale, share_from=tuple(Path(d) for d in args.share_from),
+                      baseline=args.baseline, stages=stages_until(args.until))
+    if "stopped_after" in sweep:
+        print(f"stopped every point after stage {sweep['stopped_after']} in {time.perf_counter() - t0:.1f}s: {out}",
+              flush=True)
+        return 0
     n = len(sweep["points"])
     print(f"done in {time.perf_counter() - t0:.1f}s: {n - sweep['failed']}/{n} points finished: {out / 'sweep.md'}",
           flush=True)
@@ -245,6 +259,33 @@ def _sweep(args) -> int:
         print(f"pipeline: error: {sweep['failed']} of {n} sweep points failed (see {out / 'sweep.md'})",
               file=sys.stderr)
         return 1
+    return 0
+
+
+def stages_until(until: str | None) -> list:
+    """Every stage, or those up to ``until`` (a one-line UserError for an unknown name)."""
+    from ..core.errors import UserError
+    from ..stages import STAGES
+
+    names = [s.name for s in STAGES]
+    if until is not None and until not in names:
+        raise UserError(f"--until {until}: expected one of {', '.join(names)}")
+    return STAGES[:names.index(until) + 1] if until else STAGES
+
+
+def _baseline(args) -> int:
+    from .baseline import run_baseline
+
+    t0 = time.perf_counter()
+    run_dir = Path(args.run)
+    report = run_baseline(run_dir, args.set, log=lambda m: print(m, flush=True), reuse_stale=args.reuse_stale,
+                          stages=stages_until(args.until))
+    if args.until:
+        print(f"stopped the baseline after stage {args.until} in {time.perf_counter() - t0:.1f}s", flush=True)
+        return 0
+    print(f"done in {time.perf_counter() - t0:.1f}s: {run_dir / 'report.md'} (thin from scratch beside pruned)",
+          flush=True)
+    _warn_failed_devices(report)
     return 0
 
 

@@ -63,8 +63,12 @@ def grid_points(config: str, grid: list[tuple[str, list]], overrides: list[str])
 
 
 def run_sweep(config: str, grid_texts: list[str], overrides: list[str], out: Path, *, log=print,
-              reuse_stale: bool = False, share_from: tuple[Path, ...] = ()) -> dict:
-    """``share_from``: more run folders (or sweep folders, meaning their points) to take finished stages from."""
+              reuse_stale: bool = False, share_from: tuple[Path, ...] = (), baseline: bool = False,
+              stages: list | None = None) -> dict:
+    """``share_from``: more run folders (or sweep folders, meaning their points) to take finished stages from.
+    ``baseline``: after each point, ``pipeline baseline`` of it (its widths trained from scratch, benched beside).
+    ``stages``: only these, for every point and baseline (no reports, no table rows)."""
+    from .baseline import run_baseline
     from ..report import write_report
     from ..report.sweep import point_row
     from ..run.runner import run_pipeline
@@ -80,15 +84,23 @@ def run_sweep(config: str, grid_texts: list[str], overrides: list[str], out: Pat
         extra += sorted(p for p in (d / "points").iterdir() if p.is_dir()) if (d / "points").is_dir() else [d]
     out.mkdir(parents=True, exist_ok=True)
     results, tried = [], []
+    partial = stages is not None and stages[-1] is not STAGES[-1]
     for i, (name, assignment, cfg) in enumerate(points, start=1):
         run_dir = out / "points" / name
         log(f"[sweep] point {i}/{len(points)}: {name}")
         t0 = time.perf_counter()
         entry = {"name": name, "grid": assignment, "run_dir": str(run_dir.relative_to(out))}
         try:
-            manifest = run_pipeline(cfg, run_dir, STAGES, log=log, reuse_stale=reuse_stale,
+            manifest = run_pipeline(cfg, run_dir, stages or STAGES, log=log, reuse_stale=reuse_stale,
                                     donors=tuple(tried) + tuple(extra))
+            if partial:
+                if baseline and any(s.name == "finetune" for s in stages):
+                    run_baseline(run_dir, [], log=log, reuse_stale=reuse_stale, stages=stages)
+                tried.append(run_dir)
+                continue
             report = write_report(run_dir, manifest)
+            if baseline:
+                report = run_baseline(run_dir, [], log=log, reuse_stale=reuse_stale)
             entry.update({"status": "done", **point_row(cfg, manifest, report),
                           "shared_stages": sorted(k for k, v in manifest["stages"].items() if "shared_from" in v)})
         except KeyboardInterrupt:
@@ -101,6 +113,8 @@ def run_sweep(config: str, grid_texts: list[str], overrides: list[str], out: Pat
         entry["seconds"] = round(time.perf_counter() - t0, 1)
         results.append(entry)
         _write(out, config, grid, overrides, results)   # after every point: a killed sweep keeps its table
+    if partial:
+        return {"points": [], "failed": 0, "stopped_after": stages[-1].name}
     return _write(out, config, grid, overrides, results)
 
 

@@ -51,6 +51,11 @@ def _coerce(value, hint, where: str, source: str):
                 return value
         raise ConfigError(f"{source}: {where}: expected {' or '.join(_type_name(o) for o in options)}, "
                           f"got {type(value).__name__} ({value!r})")
+    if origin is dict:   # a table of key -> value, e.g. model.widths
+        _, value_hint = typing.get_args(hint)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {where}: expected a table, got {type(value).__name__} ({value!r})")
+        return {k: _coerce(v, value_hint, f"{where}.{k}", source) for k, v in value.items()}
     if origin is tuple:
         (elem, _) = typing.get_args(hint)
         if dataclasses.is_dataclass(elem):   # an array of tables, e.g. [[bench.devices]]
@@ -181,6 +186,8 @@ def toml_value(v) -> str:
         return "[" + ", ".join(toml_value(x) for x in v) + "]"
     if dataclasses.is_dataclass(v):
         return "{" + ", ".join(f"{f.name} = {toml_value(getattr(v, f.name))}" for f in dataclasses.fields(v)) + "}"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{json.dumps(k)} = {toml_value(x)}" for k, x in v.items()) + "}"
     raise TypeError(f"no TOML form for {type(v).__name__}")
 
 

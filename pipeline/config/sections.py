@@ -8,11 +8,12 @@ from dataclasses import dataclass, field
 
 from ..catalog import artifacts
 from ..catalog.attacks import ATTACKS
-from ..catalog.devices import check_target, device_name
+from ..catalog.devices import DEVICE_KINDS, check_target, device_name, kind_of
 from ..catalog.sparsifiers import SPARSIFIERS, method_names
 from ..core.checks import Invalid, fractions, non_negative, one_of, positive, require
 
 LEVELS = ("disable", "basic", "extended", "all")   # onnxruntime graph optimisation levels
+BUDGETS = ("none", "macs", "params", "latency")
 
 
 class Sections(Mapping):
@@ -70,6 +71,10 @@ class ModelConfig:
     # "grouped": the train stage runs the n members as one network of grouped convs (models/grouped.py; same
     # function, fewer kernel launches -- for GPUs); artifacts are saved as the member list either way.
     ensemble_impl: str = "members"
+    # Per-layer widths, to build a thin network directly (e.g. a pruned run's final widths, trained from scratch by
+    # `pipeline baseline`): module name -> [in, out] of a conv or linear, [n] of a BN, [] = removed (a residual
+    # branch). Empty: the registry's dense widths.
+    widths: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     def check(self) -> None:
         from models import list_models
@@ -78,6 +83,28 @@ class ModelConfig:
         positive(self, "ensemble")
         require(self.noise_coef >= 0, "noise_coef", ">= 0 (0 = no noise)")
         one_of(self, "ensemble_impl", ("members", "grouped"))
+        if self.widths:
+            require(self.ensemble_impl == "members", "widths", 'no widths with model.ensemble_impl = "grouped" '
+                    "(the grouped ensemble needs equal members)", ("ensemble_impl",))
+            problem = widths_problem(self)
+            require(problem is None, "widths", f"per-layer widths that fit {self.arch} ({problem})")
+
+
+def widths_problem(model) -> str | None:
+    """What is wrong with ``model.widths`` for its architecture (None if it builds and runs an image)."""
+    import torch
+
+    from models import build_from_description
+
+    kwargs = {"ensemble": model.ensemble, "noise_coef": model.noise_coef, "normalize": model.normalize}
+    desc = {"arch": model.arch, "kwargs": kwargs, "shapes": {k: (list(v) if v else None) for k, v in model.widths.items()}}
+    try:
+        net = build_from_description(desc).eval()
+        with torch.no_grad():
+            net(torch.zeros(1, 3, 32, 32))
+    except (AttributeError, TypeError, ValueError, IndexError, RuntimeError) as e:
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+    return None
 
 
 def _radius(section, name: str) -> None:
@@ -169,6 +196,12 @@ class PruneConfig:
     # Coupled groups differ in size; each group's lambda1 is scaled by what it costs relative to an average paper
     # group: "macs" (compute per image its removal saves -- what latency follows) or "weights" (parameters).
     group_cost: str = "macs"
+    # A budget instead of lambda1 (coupled groups): the prox keeps the widths that lose the least weight energy while
+    # the pruned network is `target` times cheaper than the dense one in MACs, parameters or measured latency on
+    # `budget_device` (a [[bench.devices]] name; "" = the host), at every projection. "none": lambda1 decides.
+    budget: str = "none"
+    target: float = 2.0         # dense cost / pruned cost, > 1
+    budget_device: str = ""
     init: str = "finetune"      # "finetune" (start from the train checkpoint) | "scratch" (paper's from-scratch mode)
     epochs: int = 200
     lr: float = 0.1
@@ -200,10 +233,31 @@ class PruneConfig:
         require(align == 1 or self.groups == "coupled", "align",
                 f'1 unless prune.groups = "coupled" (paper groups are conv input slices, not whole channels; '
                 f"prune.groups is {self.groups!r})", ("groups",))
+        one_of(self, "budget", BUDGETS)
+        if self.budget != "none":
+            require(self.groups == "coupled", "budget",
+                    f'"none" unless prune.groups = "coupled" (a budget prices whole removable channels; prune.groups '
+                    f"is {self.groups!r})", ("groups",))
+            require(self.target > 1, "target", "a ratio > 1 (dense cost / pruned cost)", ("budget",))
         rgsm = self.methods.get("rgsm")
-        if rgsm is not None and rgsm.prox == "soft" and align != 1:
-            raise Invalid("rgsm.prox", '"hard" when prune.align is not 1 (the group-lasso prox has no aligned '
-                          "variant)", ("align",))
+        if rgsm is not None and rgsm.prox == "soft" and (align != 1 or self.budget != "none"):
+            raise Invalid("rgsm.prox", '"hard" when prune.align is not 1 or prune.budget is set (the group-lasso '
+                          "prox has no aligned or budgeted variant)", ("align", "budget"))
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Stage ``finetune``: adversarial training of the physically pruned network (train.* recipe); 0 epochs = off."""
+    epochs: int = 0
+    lr: float = 0.01
+    lr_milestones: tuple[float, ...] = (0.5,)
+    lr_gamma: float = 0.1
+
+    def check(self) -> None:
+        non_negative(self, "epochs")
+        positive(self, "lr")
+        _decay(self, "lr_gamma")
+        fractions(self, "lr_milestones")
 
 
 @dataclass(frozen=True)
@@ -403,6 +457,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     surgery: SurgeryConfig = field(default_factory=SurgeryConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
@@ -420,3 +475,21 @@ class RunConfig:
             require(torch.cuda.is_available(), "device", '"cpu" or "auto": torch sees no CUDA device here')
         require(not (self.train.cuda_graphs and self.device == "cpu"), "train.cuda_graphs",
                 'false with device = "cpu" (CUDA graphs need a CUDA device)', ("device",))
+        p = self.prune
+        if p.budget == "latency":
+            names = {device_name(d): d for d in self.bench.devices}
+            device = budget_device(self)
+            require(device is not None, "prune.budget_device",
+                    f"a device name of bench.devices ({', '.join(names)}) or \"\" for the host", ("bench.devices",))
+            require(not DEVICE_KINDS[kind_of(device.target)].meta.get("emulated"), "prune.budget_device",
+                    f"a device whose timings are latencies: {device_name(device)!r} is emulated (its timings measure "
+                    'the emulator); use prune.budget = "macs" there', ("prune.budget", "bench.devices"))
+
+
+def budget_device(cfg) -> DeviceConfig | None:
+    """The [[bench.devices]] entry a latency budget is measured on: prune.budget_device by name, "" = the host."""
+    wanted = cfg.prune.budget_device
+    for d in cfg.bench.devices:
+        if (device_name(d) == wanted) if wanted else d.target == "host":
+            return d
+    return None

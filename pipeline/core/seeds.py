@@ -14,3 +14,4 @@ CALIBRATION = 6       # quantize.calibration_images: training images for the int
 
 # seed + ...: the training stages' own streams
 PRUNE = 1             # the prune stage's generator and attack streams (train uses the seed itself)
+FINETUNE = 2          # the finetune stage's

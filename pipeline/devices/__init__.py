@@ -31,9 +31,11 @@ def last_line(text: str) -> str:
     return lines[-1] if lines else "no error output"
 
 
-def write_job(job_dir: Path, models: dict[str, Path], inputs: np.ndarray, *, settings: list[dict],
-              levels: list[str] | dict[str, list[str]], warmup: int, runs: int, seed: int, predict_batch: int = 50) -> Path:
-    """A self-contained job folder: artifacts (hard links when possible), inputs.npy, job.json, the script."""
+def write_job(job_dir: Path, models: dict[str, Path], inputs: np.ndarray | None, *, settings: list[dict],
+              levels: list[str] | dict[str, list[str]], warmup: int, runs: int, seed: int, predict_batch: int = 50,
+              shapes: dict[str, tuple[int, ...]] | None = None, interleave: bool = True) -> Path:
+    """A self-contained job folder: artifacts (hard links when possible), inputs.npy, job.json, the script.
+    ``inputs`` None: timing only (then every model's input ``shapes`` without the batch are needed)."""
     job_dir.mkdir(parents=True, exist_ok=True)
     names = {}
     for name, src in models.items():
@@ -45,10 +47,12 @@ def write_job(job_dir: Path, models: dict[str, Path], inputs: np.ndarray, *, set
         except OSError:
             shutil.copyfile(src, dst)
         names[name] = dst.name
-    np.save(job_dir / "inputs.npy", np.ascontiguousarray(inputs, dtype=np.float32))
+    if inputs is not None:
+        np.save(job_dir / "inputs.npy", np.ascontiguousarray(inputs, dtype=np.float32))
     shutil.copyfile(SCRIPT, job_dir / "device_bench.py")
-    job = {"models": names, "inputs": "inputs.npy", "predict_batch": predict_batch, "settings": settings,
-           "levels": levels, "warmup": warmup, "runs": runs, "seed": seed}
+    job = {"models": names, "inputs": "inputs.npy" if inputs is not None else None, "predict_batch": predict_batch,
+           "settings": settings, "levels": levels, "warmup": warmup, "runs": runs, "seed": seed,
+           "interleave": interleave, **({"shapes": {k: list(v) for k, v in shapes.items()}} if shapes else {})}
     (job_dir / "job.json").write_text(json.dumps(job, indent=1))
     return job_dir / "job.json"
 

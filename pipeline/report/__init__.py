@@ -11,7 +11,12 @@ from .plots import render_plots
 
 
 def write_report(run_dir: Path, manifest: dict) -> dict:
-    report = build_report(manifest)
+    """report.json, report.md and the plots of ``run_dir``; with the thin baseline of ``pipeline baseline``
+    (``run_dir/baseline/report.json``) beside the pruned model when there is one."""
+    import json
+
+    thin = run_dir / "baseline" / "report.json"
+    report = build_report(manifest, json.loads(thin.read_text()) if thin.is_file() else None)
     for name, data in render_plots(report).items():
         atomic_write_bytes(run_dir / name, data)
     write_json(run_dir / "report.json", report)

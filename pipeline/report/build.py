@@ -33,7 +33,8 @@ def flat_accuracy(evaluated: dict) -> dict[str, float]:
     return out
 
 
-def build_report(manifest: dict) -> dict:
+def build_report(manifest: dict, baseline: dict | None = None) -> dict:
+    """report.json from the manifest; ``baseline``: the report of ``pipeline baseline``'s thin network, if any."""
     st = manifest["stages"]
     prune, surgery, export, bench, ev, transfer = (
         st[k]["metrics"] for k in ("prune", "surgery", "export", "bench", "eval", "transfer"))
@@ -79,8 +80,13 @@ def build_report(manifest: dict) -> dict:
         "prune": {"method": prune.get("method", "rgsm"), "groups": prune.get("groups", "paper"),
                   "align": prune.get("align", 1), "family_widths": prune.get("family_widths", {}),
                   "before_final_projection": prune.get("before_final_projection")},
-        "surgery": {k: surgery[k] for k in ("max_abs_diff", "removed_channels", "zero_channels", "total_channels",
-                                            "removed_fraction", "kept_for_shape", "layers")},
+        "surgery": {k: surgery.get(k) for k in ("max_abs_diff", "removed_channels", "zero_channels",
+                                                "total_channels", "removed_fraction", "kept_for_shape", "layers",
+                                                "removed_branches")},
+        "budget": budget_summary(prune.get("budget"), st, headline),
+        "finetune": {k: v for k, v in st.get("finetune", {}).get("metrics", {}).items()
+                     if k in ("epochs", "selected_epoch", "val")},
+        "baseline": baseline_summary(ev, headline, baseline, manifest["config"]) if baseline else None,
         "speedup": speedup,
         "headline": headline,
         "profile": bench.get("profile", {}),
@@ -93,6 +99,7 @@ def build_report(manifest: dict) -> dict:
                        "attacks": ev["attacks"], "seconds": ev["seconds"], "images_per_s": ev["images_per_s"],
                        "onnx_transfer": transfer["models"]},
         "paper": {k: v for k, v in cfg.get("paper", {}).items() if v not in (None, "")},
+        "train_epochs": cfg["train"]["epochs"],
         "plots": dict(PLOTS),
         "notes": {
             "accuracy": "torch, percent of the test images classified correctly both clean and attacked; keys "
@@ -104,7 +111,13 @@ def build_report(manifest: dict) -> dict:
                     "take each image's std alone, *_int8.onnx are static QDQ int8 of the deterministic graphs",
             "devices": "latency rows carry device, emulated, runtime, provider, threads, batch, p50/p90/p99 ms; "
                        "emulated rows (qemu-user) time the emulator, not ARM silicon, and are never a latency",
-            "pruned_accuracy": "measured on the masked model before surgery (surgery is exact with noise off)",
+            "pruned_accuracy": "measured on the physically pruned model (after finetune when finetune.epochs > 0); "
+                               "the masked model's noise-off row equals it when there was no fine-tuning",
+            "budget": "prune.budget: the cost model's figures for the final layout (macs/params counted like "
+                      "torch-pruning; latency from the latency stage's table of measured units plus an offset), "
+                      "beside the headline best-vs-best speed-up and, for latency, the bench's measurement",
+            "baseline": "pipeline baseline: the pruned widths trained from scratch for the same total epochs "
+                        "(Liu et al. 2019); noise off, best level at batch 1 / 1 thread",
             "latency": "every onnxruntime graph optimisation level is timed, interleaved; 'best' marks each "
                        "artifact's fastest level per batch/threads, and speed-up = dense-best / pruned-best. "
                        "Level 'all' includes the NCHWc layout, which pads channel counts to the SIMD block "
@@ -117,6 +130,52 @@ def build_report(manifest: dict) -> dict:
                         "weights (the paper's unstructured 'Sp.')",
         },
     }
+
+
+def budget_summary(budget: dict | None, st: dict, headline: dict) -> dict | None:
+    """What the budget asked and what it got: the cost model's figures for the final layout, the headline speed-up,
+    and for a latency budget the table's prediction beside the bench's measurement on the budget device."""
+    if not budget:
+        return None
+    out = {**budget, "measured_speedup": headline["speedup"]}
+    if budget["kind"] == "latency":
+        table = st["latency"]["metrics"]
+        rows = {r["artifact"]: r["p50_ms"] for r in st["bench"]["metrics"].get("latency_all", [])
+                if r["device"] == table["device"] and r["batch"] == 1 and r["threads"] == 1
+                and r["graph_optimization"] == "all" and r["artifact"] in ("dense", "pruned")}
+        out.update(device=table["device"], predicted_dense_ms=budget["dense"],
+                   predicted_pruned_ms=budget.get("latency_cost"), measured_dense_ms=rows.get("dense"),
+                   measured_pruned_ms=rows.get("pruned"))
+        for name in ("dense", "pruned"):
+            pred, meas = out[f"predicted_{name}_ms"], out[f"measured_{name}_ms"]
+            out[f"prediction_error_{name}"] = (pred - meas) / meas if pred and meas else None
+    return out
+
+
+def _noise_off(models: dict, name: str) -> dict:
+    """natural / strong PGD / worst case of one model with the noise off (the deployed function)."""
+    res = models.get(name, {})
+    res = res.get("noise_off") or res.get("stochastic") or {}
+    return {"natural": res.get("natural"), "pgd": res.get("attacks", {}).get("pgd", {}).get("accuracy"),
+            "pgd_key": res.get("attacks", {}).get("pgd", {}).get("key"), "worst_case": res.get("worst_case")}
+
+
+def baseline_summary(ev: dict, headline: dict, baseline: dict, cfg: dict) -> dict:
+    """Dense, pruned and the thin network trained from scratch side by side (noise off, best latency at the
+    headline setting), and which wins at (nearly) equal latency."""
+    thin_models = baseline["robustness"]["models"]
+    rows = [{"model": "dense", **_noise_off(ev["models"], "dense"), "p50_ms": headline["dense_p50_ms"]},
+            {"model": "pruned", **_noise_off(ev["models"], "pruned"), "p50_ms": headline["pruned_p50_ms"]},
+            {"model": "thin from scratch", **_noise_off(thin_models, "dense"),
+             "p50_ms": baseline["headline"]["dense_p50_ms"]}]
+    pruned, thin = rows[1], rows[2]
+    delta = {k: (pruned[k] - thin[k]) if pruned[k] is not None and thin[k] is not None else None
+             for k in ("natural", "pgd", "worst_case")}
+    winner = None
+    if delta["pgd"] is not None and delta["natural"] is not None:
+        winner = "pruned" if delta["pgd"] + delta["natural"] > 0 else "thin from scratch"
+    return {"rows": rows, "pruned_minus_thin": delta, "winner": winner, "images": ev["images"],
+            "thin_epochs": baseline.get("train_epochs"), "run": baseline["run"]}
 
 
 def variant_rows(st: dict, ev: dict, transfer: dict, bench: dict) -> list[dict]:

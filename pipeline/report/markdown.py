@@ -6,6 +6,42 @@ from ..catalog.attacks import ATTACKS, names
 from .format import fmt as _fmt
 
 
+def _budget_lines(report: dict) -> list[str]:
+    b = report.get("budget")
+    if not b:
+        return []
+    ratio = b.get("cost_ratio")
+    line = (f"**Budget**: {b['kind']} {b['target']:g}x less than dense (at most {b['limit']:.4g}, dense "
+            f"{b['dense']:.4g}); the final layout costs {b.get(b['kind'] + '_cost', float('nan')):.4g} "
+            f"({ratio:.2f}x less by the cost model); measured best-vs-best speed-up {b['measured_speedup']:.2f}x.")
+    if b["kind"] == "latency":
+        err = b.get("prediction_error_pruned")
+        line += (f" Latency model on {b['device']} (level all, batch 1, 1 thread): dense predicted "
+                 f"{b['predicted_dense_ms']:.3f} ms vs measured {_fmt(b.get('measured_dense_ms'), 3)} ms, pruned "
+                 f"predicted {_fmt(b.get('predicted_pruned_ms'), 3)} ms vs measured "
+                 f"{_fmt(b.get('measured_pruned_ms'), 3)} ms"
+                 + (f" ({100 * err:+.1f} %)." if err is not None else "."))
+    return [line, ""]
+
+
+def _baseline_lines(report: dict) -> list[str]:
+    b = report.get("baseline")
+    if not b:
+        return []
+    key = next((r["pgd_key"] for r in b["rows"] if r.get("pgd_key")), "pgd")
+    lines = [f"**Pruned vs the same widths trained from scratch** (`pipeline baseline`, {b['thin_epochs']} epochs; "
+             f"noise off, {b['images']} test images; best level at batch 1, 1 thread):", "",
+             f"| model | natural (%) | `{key}` (%) | worst case (%) | p50 (ms) |", "|---|---:|---:|---:|---:|"]
+    lines += [f"| {r['model']} | {_fmt(r['natural'])} | {_fmt(r['pgd'])} | {_fmt(r['worst_case'])} | "
+              f"{_fmt(r['p50_ms'], 3)} |" for r in b["rows"]]
+    d = b["pruned_minus_thin"]
+    if b["winner"]:
+        lines += ["", f"Pruned minus thin: natural {d['natural']:+.2f}, PGD {d['pgd']:+.2f} points: "
+                      + ("**pruning wins** here." if b["winner"] == "pruned" else
+                         "**the thin network trained from scratch wins** here: for this budget, train it instead.")]
+    return lines + [""]
+
+
 def _paper_tables(report: dict) -> list[str]:
     """The paper's A1-A4 table (its columns, its attack constants) and the strong-attack table."""
     rob = report["robustness"]
@@ -90,6 +126,7 @@ def render_markdown(report: dict) -> str:
              + (f", groups {pr['groups']}, widths aligned to {pr['align']}." if pr.get("method", "rgsm") == "rgsm"
                 else "."), "",
              "| | dense | pruned |", "|---|---:|---:|"]
+    lines[-2:-2] = _budget_lines(report) + _baseline_lines(report)
     lines += [f"| {label} | {_fmt(dense.get(k))} | {_fmt(pruned.get(k))} |" for label, k in rows]
     paper = report.get("paper", {})
     for label, k in (("paper's channel sparsity (%)", "channel_sparsity"), ("paper's weight sparsity (%)",
@@ -144,7 +181,11 @@ def render_markdown(report: dict) -> str:
               f"Surgery removed {s['removed_channels']} of {s['zero_channels']} zero input channels "
               f"(**{100 * s['removed_fraction']:.1f}%**; {s['kept_for_shape']} kept only so that no layer reaches "
               f"width 0; {s['total_channels']} in all); masked-vs-pruned max |Δlogits| = {s['max_abs_diff']:.2e} "
-              "(noise off).", "", f"![per-layer widths]({report['plots']['widths']})", "",
+              "(noise off)." + (f" Residual branches removed whole (depth pruning): "
+                                f"{', '.join(s['removed_branches'])}." if s.get("removed_branches") else "")
+              + (f" The pruned network was then fine-tuned for {report['finetune']['epochs']} epoch(s)."
+                 if report.get("finetune", {}).get("epochs") else ""),
+              "", f"![per-layer widths]({report['plots']['widths']})", "",
               "| layer | in: dense → pruned | out: dense → pruned |", "|---|---:|---:|"]
     lines += [f"| {r['name']} | {r['in_dense']} → {r['in_pruned']} | {r['out_dense']} → {r['out_pruned']} |"
               for r in s["layers"]]

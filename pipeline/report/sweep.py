@@ -4,7 +4,7 @@ from __future__ import annotations
 from ..catalog.attacks import names
 from .format import fmt as _fmt, png, pyplot
 
-PLOTS = {"accuracy": "sweep_accuracy.png", "sparsity": "sweep_sparsity.png"}
+PLOTS = {"accuracy": "sweep_accuracy.png", "sparsity": "sweep_sparsity.png", "budget": "pareto_budget.png"}
 
 
 def point_row(cfg, manifest: dict, report: dict) -> dict:
@@ -35,7 +35,23 @@ def point_row(cfg, manifest: dict, report: dict) -> dict:
         "val": st["prune"]["metrics"].get("val", {}),
         "paper": report.get("paper", {}),
         "onnx": pruned["onnx"],
+        # the budget view: noise off (the deployed function), best latency at batch 1 / 1 thread
+        "budget": cfg.prune.budget, "target": cfg.prune.target if cfg.prune.budget != "none" else None,
+        "deployed": deployed_row(report),
     }
+
+
+def deployed_row(report: dict) -> dict:
+    """Dense, pruned and (with a baseline) thin: natural / PGD / worst case with the noise off, best p50."""
+    from .build import _noise_off
+
+    h = report.get("headline", {})
+    models = report["robustness"]["models"]
+    out = {"dense": {**_noise_off(models, "dense"), "p50_ms": h.get("dense_p50_ms")},
+           "pruned": {**_noise_off(models, "pruned"), "p50_ms": h.get("pruned_p50_ms")}}
+    if report.get("baseline"):
+        out["thin"] = report["baseline"]["rows"][2]
+    return out
 
 
 def method_hyper(cfg) -> dict:
@@ -81,9 +97,42 @@ def render_sweep_markdown(sweep: dict) -> str:
     if sweep["failed"]:
         lines += ["", f"**{sweep['failed']} point(s) failed**; rerun the same command to retry them (finished "
                       "stages are kept)."]
+    lines += _budget_table(sweep)
     lines += ["", f"![accuracy vs channel sparsity]({PLOTS['accuracy']})",
               f"![removable vs paper channel sparsity]({PLOTS['sparsity']})", ""]
+    if _budget_points(sweep):
+        lines += [f"![accuracy vs measured latency]({PLOTS['budget']})", ""]
     return "\n".join(lines)
+
+
+def _budget_points(sweep: dict) -> list[dict]:
+    return [r for r in sweep["points"] if r["status"] == "done" and r.get("deployed")
+            and (r.get("target") is not None or "thin" in r["deployed"])]
+
+
+def _budget_table(sweep: dict) -> list[str]:
+    """Accuracy (noise off) against measured best latency: pruned, thin from scratch, dense."""
+    done = _budget_points(sweep)
+    if not done:
+        return []
+    key = next((m.get("pgd_key") for r in done for m in r["deployed"].values() if m.get("pgd_key")), "pgd")
+    lines = ["", "## Accuracy against measured latency (noise off; best ORT level, batch 1, 1 thread)", "",
+             f"PGD: `{key}`. Thin: the pruned widths trained from scratch for the same total epochs "
+             "(`--baseline`).", "",
+             "| point | target | model | p50 (ms) | speed-up vs dense | natural (%) | PGD (%) | worst case (%) |",
+             "|---|---:|---|---:|---:|---:|---:|---:|"]
+    dense = done[0]["deployed"]["dense"]
+    lines.append(f"| dense | – | dense | {_fmt(dense['p50_ms'], 3)} | 1.00 | {_fmt(dense['natural'])} | "
+                 f"{_fmt(dense['pgd'])} | {_fmt(dense['worst_case'])} |")
+    for r in done:
+        for model in ("pruned", "thin"):
+            m = r["deployed"].get(model)
+            if not m:
+                continue
+            speedup = dense["p50_ms"] / m["p50_ms"] if dense.get("p50_ms") and m.get("p50_ms") else None
+            lines.append(f"| {r['name']} | {_fmt(r.get('target'))} | {model} | {_fmt(m['p50_ms'], 3)} | "
+                         f"{_fmt(speedup)} | {_fmt(m['natural'])} | {_fmt(m['pgd'])} | {_fmt(m['worst_case'])} |")
+    return lines
 
 
 def render_sweep_plots(sweep: dict) -> dict[str, bytes]:
@@ -117,4 +166,35 @@ def render_sweep_plots(sweep: dict) -> dict[str, bytes]:
     ax.set_title("removable vs paper channel sparsity")
     ax.grid(alpha=0.3)
     out["sparsity"] = png(fig)
+    budget = _budget_points(sweep)
+    if budget:
+        out["budget"] = _budget_plot(budget, plt)
     return out
+
+
+def _budget_plot(points: list[dict], plt) -> bytes:
+    """pareto_budget.png: natural and PGD accuracy (noise off) against measured best latency, pruned and thin
+    points per target, the dense model as a star."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    dense = points[0]["deployed"]["dense"]
+    for metric, color in (("natural", "#2b6cb0"), ("pgd", "#c05621")):
+        for model, marker, fill in (("pruned", "o", True), ("thin", "s", False)):
+            pts = [(r["deployed"][model]["p50_ms"], r["deployed"][model][metric], r.get("target"))
+                   for r in points if model in r["deployed"] and r["deployed"][model].get(metric) is not None]
+            if not pts:
+                continue
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, ls="-" if fill else ":", color=color,
+                    markerfacecolor=color if fill else "none", label=f"{model}, {metric}")
+            for x, y, target in pts:
+                if target is not None:
+                    ax.annotate(f"{target:g}x", (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
+        if dense.get(metric) is not None:
+            ax.scatter([dense["p50_ms"]], [dense[metric]], marker="*", s=140, color=color, zorder=3,
+                       label=f"dense, {metric}")
+    ax.set_xlabel("measured p50 latency, best ORT level, batch 1, 1 thread (ms)")
+    ax.set_ylabel("test accuracy, noise off (%)")
+    ax.set_title("budget sweep: accuracy vs latency (targets annotated)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    return png(fig)

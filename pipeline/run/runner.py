@@ -3,6 +3,7 @@ and is skipped on a rerun when its key and output hashes still match."""
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import sys
 import time
@@ -166,6 +167,16 @@ def _adopt(stage: Stage, key: str, run_dir: Path, manifest: dict, donors: tuple[
     return None
 
 
+def _same_result(entry: dict, outputs: dict, metrics: dict) -> bool:
+    """Did a rerun reproduce the finished entry exactly (every output's hash and the metrics)? Then the stages
+    that read it have the same inputs as before and keep their results."""
+    if entry.get("status") != "done":
+        return False
+    before = {k: v.get("sha256") for k, v in entry.get("outputs", {}).items()}
+    return before == {k: v["sha256"] for k, v in outputs.items()} and \
+        entry.get("metrics") == json.loads(json.dumps(metrics, default=str))
+
+
 def _resume_dir(run_dir: Path, stage: str, key: str) -> Path:
     """``RUN/.<stage>.resume``, emptied unless it was written under this very key (config, inputs and code):
     a checkpoint of other settings or other code must never be continued."""
@@ -189,7 +200,8 @@ def _run_locked(cfg: RunConfig, run_dir: Path, stages: list[Stage], *, log, afte
     for stage in stages:
         key = stage_key(stage, cfg, manifest)
         entry = manifest["stages"].get(stage.name, {})
-        # an input that was recomputed forces a rerun even if its hashes came out the same
+        # an input recomputed with other outputs or metrics forces a rerun (metrics are no part of the key, but
+        # a stage may read its inputs' metrics); one that came out exactly as before does not
         done = not reran.intersection(stage.inputs) and entry.get("status") == "done"
         if done and entry.get("incomplete"):
             log(f"[{stage.name}] retrying: the last run was incomplete ({entry['incomplete']})")
@@ -207,7 +219,6 @@ def _run_locked(cfg: RunConfig, run_dir: Path, stages: list[Stage], *, log, afte
         if donor is not None:
             log(f"[{stage.name}] shared: finished with the same key in {donor}")
             continue
-        reran.add(stage.name)
         log(f"[{stage.name}] running")
         final_dir = run_dir / stage.name
         tmp_dir = run_dir / f".{stage.name}.tmp"
@@ -238,6 +249,8 @@ def _run_locked(cfg: RunConfig, run_dir: Path, stages: list[Stage], *, log, afte
         for name, path in result.outputs.items():
             rel = Path(path).relative_to(tmp_dir)
             outputs[name] = {"path": str(Path(stage.name) / rel), "sha256": sha256_file(final_dir / rel)}
+        if not _same_result(entry, outputs, result.metrics):
+            reran.add(stage.name)
         manifest["stages"][stage.name] = {
             "status": "done", "key": key, "config_key": stage_key(stage, cfg, manifest, code=False),
             "code": stage_code(stage), "config": {s: to_dict(cfg)[s] for s in stage.sections},

@@ -1,4 +1,5 @@
 """The stages, in order. Each module defines ``STAGE``."""
-from . import bench, evaluate, export, prune, quantize, surgery, train, transfer
+from . import bench, evaluate, export, finetune, latency, prune, quantize, surgery, train, transfer
 
-STAGES = [train.STAGE, prune.STAGE, surgery.STAGE, evaluate.STAGE, export.STAGE, quantize.STAGE, transfer.STAGE, bench.STAGE]
+STAGES = [train.STAGE, latency.STAGE, prune.STAGE, surgery.STAGE, finetune.STAGE, evaluate.STAGE, export.STAGE,
+          quantize.STAGE, transfer.STAGE, bench.STAGE]

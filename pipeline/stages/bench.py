@@ -229,5 +229,5 @@ def int8_change(rows: list[dict], devices: dict) -> list[dict]:
     return out
 
 
-STAGE = Stage("bench", sections=("seed", "data", "bench"), inputs=("train", "surgery", "export", "quantize"),
+STAGE = Stage("bench", sections=("seed", "data", "bench"), inputs=("train", "finetune", "export", "quantize"),
               run=run, tables=(DEVICE_KINDS,))

@@ -1,4 +1,5 @@
-"""Stage ``eval``: test-set robustness of the dense (train), masked (prune) and pruned (surgery) models.
+"""Stage ``eval``: test-set robustness of the dense (train), masked (prune) and pruned (surgery, then finetune)
+models.
 
 Each model is evaluated with its test-time noise on (the paper's single stochastic pass, plus the softmax averaged
 over ``eval.avg_passes`` passes) and with the noise off (the function the exported ONNX graph computes). The
@@ -45,7 +46,8 @@ def run(ctx: StageContext) -> StageResult:
         for mode in modes:
             if name not in DEPLOYED and mode == "per_sample":
                 continue   # a deployment variant: evaluated on the deployed models only
-            if name == "masked" and mode == "noise_off" and "pruned" in e.models:
+            if name == "masked" and mode == "noise_off" and "pruned" in e.models \
+                    and ctx.metrics_of["finetune"].get("epochs", 0) == 0:
                 # surgery is exact with the noise off (its max |dlogits| is recorded), so this row equals pruned's
                 results[name][mode] = {"same_as": "pruned"}
                 continue
@@ -79,5 +81,5 @@ def run(ctx: StageContext) -> StageResult:
     return StageResult(outputs, metrics)
 
 
-STAGE = Stage("eval", sections=("seed", "data", "model", "eval"), inputs=("train", "prune", "surgery"), run=run,
+STAGE = Stage("eval", sections=("seed", "data", "model", "eval"), inputs=("train", "prune", "finetune"), run=run,
               tables=(ATTACKS,))

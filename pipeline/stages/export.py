@@ -78,4 +78,4 @@ def run(ctx: StageContext) -> StageResult:
     return StageResult(outputs, metrics)
 
 
-STAGE = Stage("export", sections=("name", "seed", "export"), inputs=("train", "surgery"), run=run)
+STAGE = Stage("export", sections=("name", "seed", "export"), inputs=("train", "finetune"), run=run)

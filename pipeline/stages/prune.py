@@ -7,7 +7,7 @@ import json
 
 import torch
 
-from models import create_model, describe
+from models import describe
 
 from ..algorithms.sparsity import sparsity_metrics
 from ..catalog.sparsifiers import NONE, SPARSIFIERS
@@ -16,7 +16,7 @@ from ..run.checkpoints import load_model, save_model
 from ..run.stage import Stage, StageContext, StageResult
 from ..train import distributed, resume, sparsify
 from ..train.recipe import Schedule, fit
-from ..train.setup import data_splits, device_of, model_kwargs, seed_everything, validation_split
+from ..train.setup import build_model, data_splits, device_of, model_kwargs, seed_everything, validation_split
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -31,7 +31,7 @@ def run(ctx: StageContext) -> StageResult:
         ctx.log("dense baseline: the train checkpoint passes through" if p.method == NONE
                 else "fine-tuning the train checkpoint")
     else:
-        model = create_model(cfg.model.arch, **model_kwargs(cfg)).to(device)
+        model = build_model(cfg).to(device)
         ctx.log("pruning from initialisation")
     if p.method == NONE:
         outputs = save_model(model, describe(model, cfg.model.arch, model_kwargs(cfg)), ctx.out_dir)
@@ -59,7 +59,8 @@ def run(ctx: StageContext) -> StageResult:
     state = resume.load(ctx.resume_dir)
     if state is not None:   # weights first: a sparsifier may derive its state from them (ADMM's z)
         model.load_state_dict(state["model"])
-    sparsifier = sparsify.make_sparsifier(model, p, seed=cfg.seed, device=device)
+    table = json.loads(ctx.inputs["latency"]["table"].read_text()) if p.budget == "latency" else None
+    sparsifier = sparsify.make_sparsifier(model, p, seed=cfg.seed, device=device, latency_table=table)
     ctx.log(sparsify.describe(sparsifier, p))
     world = distributed.active()
     trained = distributed.prepare(model, world, device, cfg.train.batch_size, ctx.log,
@@ -74,6 +75,7 @@ def run(ctx: StageContext) -> StageResult:
         stats = sparsity_metrics(member_view(), p.zero_tol)
         if p.groups == "coupled":
             stats["kept_channels"] = sum(sparsifier.kept_widths().values())
+            stats.update(sparsifier.budget_status())   # the layout's cost: inside the budget after each projection
         return stats
 
     fitted = fit(ctx, model, trained, name="prune", seed=seed, generator=generator, train=train, val=val_eval,
@@ -93,11 +95,15 @@ def run(ctx: StageContext) -> StageResult:
                "world_size": world.size if world else 1, **sparsity_metrics(model, p.zero_tol)}
     if hasattr(sparsifier, "kept_widths"):
         metrics.update({"align": sparsifier.align, "family_widths": sparsifier.kept_widths()})
+    if getattr(sparsifier, "budget", None) is not None:
+        b = sparsifier.budget
+        metrics["budget"] = {"kind": b.kind, "target": p.target, "limit": b.limit, "dense": b.reference,
+                             **sparsifier.budget_status()}
     if entry.meta.get("before_final"):
         # what the reference code would have reported: it never projects at the end
         metrics["before_final_projection"] = before_final
     return StageResult(outputs, metrics)
 
 
-STAGE = Stage("prune", sections=("seed", "data", "model", "train", "prune"), inputs=("train",), run=run,
+STAGE = Stage("prune", sections=("seed", "data", "model", "train", "prune"), inputs=("train", "latency"), run=run,
               tables=(SPARSIFIERS,))

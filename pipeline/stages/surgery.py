@@ -27,12 +27,15 @@ def run(ctx: StageContext) -> StageResult:
     metrics = {"max_abs_diff": result.max_abs_diff, "removed_channels": result.removed_channels,
                "zero_channels": result.zero_channels, "total_channels": result.total_channels,
                "removed_fraction": result.removed_fraction, "kept_for_shape": result.kept_for_shape,
+               "removed_branches": result.removed_branches,
                "params_before": params_before, "params_after": params_after,
                "macs_before": macs_before, "macs_after": macs_after,
                # The paper's figures describe the masked model that surgery started from.
                "channel_sparsity": 100.0 * result.zero_channels / result.total_channels,
                **{k: sparsity[k] for k in ("channel_weight_sparsity", "weight_sparsity", "conv_weights")}}
     metrics["layers"] = layer_widths(masked, pruned)
+    if result.removed_branches:
+        ctx.log(f"removed {len(result.removed_branches)} residual branch(es) whole: {', '.join(result.removed_branches)}")
     ctx.log(f"removed {result.removed_channels}/{result.zero_channels} zero channels, "
             f"params {params_before} -> {params_after}, MACs {macs_before} -> {macs_after}, "
             f"max|dlogits| {result.max_abs_diff:.2e}")
@@ -44,12 +47,12 @@ def _in_out(m: nn.Module) -> tuple[int, int]:
 
 
 def layer_widths(dense: nn.Module, pruned: nn.Module) -> list[dict]:
-    """Input/output channels of every conv and linear layer, before and after surgery."""
+    """Input/output channels of every conv and linear layer, before and after surgery (0 once removed)."""
     after = dict(pruned.named_modules())
     rows = []
     for name, m in dense.named_modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
-            (din, dout), (pin, pout) = _in_out(m), _in_out(after[name])
+            (din, dout), (pin, pout) = _in_out(m), (_in_out(after[name]) if name in after else (0, 0))
             rows.append({"name": name, "in_dense": din, "in_pruned": pin, "out_dense": dout, "out_pruned": pout})
     return rows
 

@@ -5,14 +5,14 @@ import json
 
 import torch
 
-from models import create_model, describe
+from models import describe
 
 from ..algorithms.sparsity import PAPER_ZERO_TOL, sparsity_metrics
 from ..run.checkpoints import save_model
 from ..run.stage import Stage, StageContext, StageResult
 from ..train import distributed, resume
 from ..train.recipe import Schedule, fit, validation_attack
-from ..train.setup import data_splits, device_of, model_kwargs, seed_everything, validation_split
+from ..train.setup import build_model, data_splits, device_of, model_kwargs, seed_everything, validation_split
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -24,7 +24,7 @@ def run(ctx: StageContext) -> StageResult:
     train, val, _ = data_splits(cfg)
     val_eval = validation_split(cfg, val)
     ctx.log(f"{len(train)} train / {len(val_eval)} val images on {device}")
-    model = create_model(cfg.model.arch, **model_kwargs(cfg)).to(device)
+    model = build_model(cfg).to(device)
     if cfg.model.ensemble_impl == "grouped":
         from models.grouped import to_grouped
 
@@ -47,7 +47,7 @@ def run(ctx: StageContext) -> StageResult:
     if cfg.model.ensemble_impl == "grouped":
         from models.grouped import to_members
 
-        model = to_members(model, create_model(cfg.model.arch, **model_kwargs(cfg)).to(device))
+        model = to_members(model, build_model(cfg).to(device))
     outputs = save_model(model, describe(model, cfg.model.arch, model_kwargs(cfg)), ctx.out_dir)
     outputs["epochs_log"] = ctx.out_dir / "epochs.jsonl"
     metrics = {"selected_epoch": best["epoch"], "selected_on": select_on,

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 # the stages whose run() uses the other ranks; every other stage runs on rank 0 alone
-DISTRIBUTED_STAGES = ("train", "prune")
+DISTRIBUTED_STAGES = ("train", "prune", "finetune")
 
 
 @dataclass(frozen=True)

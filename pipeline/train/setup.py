@@ -59,6 +59,21 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def build_model(cfg):
+    """The config's network, freshly initialised: the registry's dense build, or with ``model.widths`` the thin
+    network of those per-layer widths (a module listed with [] removed: a residual branch)."""
+    from models import build_from_description, create_model
+
+    if not cfg.model.widths:
+        return create_model(cfg.model.arch, **model_kwargs(cfg))
+    return build_from_description(description_of_widths(cfg.model.arch, model_kwargs(cfg), cfg.model.widths))
+
+
+def description_of_widths(arch: str, kwargs: dict, widths: dict) -> dict:
+    """``model.widths`` as the architecture description models/shapes.py rebuilds ([] = removed)."""
+    return {"arch": arch, "kwargs": dict(kwargs), "shapes": {k: (list(v) if v else None) for k, v in widths.items()}}
+
+
 def model_kwargs(cfg) -> dict:
     kwargs = {"ensemble": cfg.model.ensemble, "noise_coef": cfg.model.noise_coef}
     if not cfg.model.normalize:   # only when off, so descriptions written before the switch existed still match
