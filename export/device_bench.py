@@ -13,6 +13,7 @@ JOB.json (paths relative to the job file's folder)::
      "settings": [{"batch": 1, "threads": 1}, ...],      # timed settings; threads 0 = all cores
      "levels": ["all"],                                  # levels timed, or {model: [levels]} per model
      "warmup": 10, "runs": 50, "seed": 0,
+     "seconds": 0,                                       # > 0: a setting's rounds stop after this long (>= MIN_RUNS)
      "interleave": true}                                 # false: each model's runs back to back (steady state)
 
 RESULT.json: ``runtime`` (onnxruntime version, provider, machine, CPU model, emulation flag), per-model ``logits``
@@ -28,6 +29,7 @@ import time
 
 import numpy as np
 
+MIN_RUNS = 30   # with a time bound, never fewer rounds than this (p90 from >= 30 samples; p99 ~ their largest)
 LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
           "all": "ORT_ENABLE_ALL"}
 
@@ -100,6 +102,7 @@ def main(job_path, result_path):
 
     rng = np.random.default_rng(int(job.get("seed", 0)))
     warmup, runs = int(job["warmup"]), int(job["runs"])
+    seconds = float(job.get("seconds") or 0)
     for setting in job["settings"]:
         b, threads = int(setting["batch"]), int(setting["threads"]) or cores
         xs = {shape: rng.random((b, *shape), dtype=np.float32) for shape in dict.fromkeys(shapes.values())}
@@ -113,7 +116,10 @@ def main(job_path, result_path):
                 s.run(None, feeds[p])
         times = {p: [] for p in pairs}
         if job.get("interleave", True):
+            t_start = time.perf_counter()
             for r in range(runs):
+                if seconds and r >= MIN_RUNS and time.perf_counter() - t_start > seconds:
+                    break
                 # alternate the order: cancels drift and first-in-round cache effects
                 for p in (pairs if r % 2 == 0 else pairs[::-1]):
                     t0 = time.perf_counter_ns()

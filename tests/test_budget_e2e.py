@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parent.parent
 BUDGET = ["--set", "prune.groups=coupled", "--set", "prune.align=2", "--set", "prune.budget=macs",
           "--set", "prune.target=2", "--set", "finetune.epochs=4"]
 CHEAP = ["--set", 'eval.attacks=["fgsm","pgd"]', "--set", "eval.images=64", "--set", "eval.sweep_steps=2",
-         "--set", "eval.pgd_steps=3", "--set", "eval.per_sample_too=false",
+         "--set", "eval.pgd_steps=3", "--set", 'eval.noise_modes=["stochastic", "noise_off"]',
          "--set", 'export.noise_variants=["deterministic"]', "--set", "quantize.enabled=false",
          "--set", "bench.runs=10", "--set", "bench.warmup=2", "--set", 'bench.optimizations=["all"]',
          "--set", "bench.batches=[1]", "--set", "bench.threads=[1]"]

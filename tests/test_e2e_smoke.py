@@ -20,7 +20,7 @@ STAGES = ("train", "prune", "surgery", "eval", "export", "quantize", "transfer",
 # recorded and the host's results are kept.
 DEVICES = ('bench.devices=[{target="host"}, {target="ssh://nobody@127.0.0.1:1", name="board-down", '
            'timeout_s=30}]')
-ONLY_DETERMINISTIC = ("--set", "eval.per_sample_too=false", "--set", 'export.noise_variants=["deterministic"]',
+ONLY_DETERMINISTIC = ("--set", 'eval.noise_modes=["stochastic", "noise_off"]', "--set", 'export.noise_variants=["deterministic"]',
                       "--set", "quantize.enabled=false")
 # the later runs check the runner, pruning and re-evaluation, not the attacks: two attacks, two radii
 LIGHT_EVAL = ("--set", 'eval.attacks=["fgsm", "pgd"]', "--set", "eval.pgd_restarts=1",

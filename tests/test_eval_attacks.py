@@ -155,3 +155,48 @@ def test_sanity_checks_catch_a_broken_attack():
             "sweep": [{"eps_255": 0, "accuracy": 50.0}, {"eps_255": 2, "accuracy": 40.0}]}
     assert all(c["ok"] for c in sanity_checks(fine, stochastic=False, slack_pt=1.0, paper_eps=0.031,
                                               strong_eps=8 / 255, strong=STRONG))
+
+
+def test_cascade_has_the_full_worst_case_per_image_and_attacks_only_the_survivors(trained):
+    """AutoAttack's convention: each attack only on the images no earlier attack broke, cheapest first; on a
+    deterministic model the worst case is the full mode's, image for image (random starts are per image)."""
+    import dataclasses
+
+    from pipeline.algorithms.robustness import correct_mask, evaluate_model
+    from pipeline.catalog.attacks import attack_specs
+    from pipeline.config import load_config
+
+    model, x, y = trained
+    e = load_config(None, ['eval.attacks=["apgd_dlr", "pgd", "ifgsm", "fgsm"]', "eval.eps_255=16",
+                           "eval.step_255=4", "eval.pgd_steps=5", "eval.pgd_restarts=2", "eval.apgd_steps=12",
+                           "eval.ifgsm_steps=3", "eval.paper_eps_01=0.02"]).eval
+    kw = dict(stochastic=False, batch_size=32, avg_passes=1, sweep_eps_255=(0, 16), sweep_steps=3, seed=3,
+              log=lambda m: None, keep_examples=("apgd_dlr", "pgd", "ifgsm", "fgsm"))
+    full, per_attack = evaluate_model(model, x, y, attack_specs(e), **kw)
+    natural = correct_mask(model, x, y, batch_size=32)
+    robust_full = natural.clone()
+    for examples in per_attack.values():
+        robust_full &= correct_mask(model, examples, y, batch_size=32)
+    assert 0 < robust_full.sum() < natural.sum(), "the attacks should break some images and not all"
+
+    cascade = dataclasses.replace(e, mode="cascade")
+    specs = attack_specs(cascade)
+    assert list(specs) == ["fgsm", "ifgsm", "pgd", "apgd_dlr"]   # cheapest first: 1, 3, 5x2, 12 gradients
+    received = {}
+
+    def spy(name, run):
+        def attack(m, xb, yb, g):
+            received.setdefault(name, []).extend(g.ids.tolist())     # the image ids of its per-image streams
+            return run(m, xb, yb, g)
+        return attack
+    specs = {k: dataclasses.replace(s, run=spy(k, s.run)) for k, s in specs.items()}
+    res, kept = evaluate_model(model, x, y, specs, **kw, cascade=True)
+    robust_cascade = natural & correct_mask(model, kept["worst_case"], y, batch_size=32)
+    assert torch.equal(robust_cascade, robust_full)                        # image for image
+    assert res["worst_case"] == full["worst_case"]
+    standing = natural.clone()
+    for name in specs:
+        assert sorted(received.get(name, [])) == standing.nonzero().squeeze(1).tolist(), name
+        standing &= correct_mask(model, per_attack[name], y, batch_size=32)
+        assert res["attacks"][name]["accuracy"] == 100.0 * float(standing.float().mean())   # cumulative
+    assert sum(r["attacked"] for r in res["attacks"].values()) < sum(r["attacked"] for r in full["attacks"].values())

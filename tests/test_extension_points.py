@@ -17,12 +17,13 @@ TOY = textwrap.dedent('''
 
     import torch
 
+    from pipeline.algorithms.attacks import uniform_like
     from pipeline.core.checks import require
 
 
     def sign_noise(model, x, y, *, eps, generator=None):
         """A random corner of the eps-ball: a (weak) attack that needs no gradient."""
-        noise = torch.randint(0, 2, x.shape, generator=generator).to(x) * 2 - 1
+        noise = (uniform_like(x, generator) < 0.5).to(x) * 2 - 1
         return (x + eps * noise).clamp(0, 1)
 
 
@@ -90,7 +91,7 @@ def toy(tmp_path, monkeypatch):
 
 CHEAP = ["data.train_subset=128", "data.val_size=64", "data.test_subset=64", "train.epochs=1", "prune.epochs=1",
          "train.attack.steps=1", "train.val_attack_steps=1", 'eval.models=["dense", "pruned"]', "eval.sweep_steps=1",
-         'eval.attacks=["fgsm", "ifgsm", "sign_noise"]', "eval.ifgsm_steps=2", "eval.per_sample_too=false",
+         'eval.attacks=["fgsm", "ifgsm", "sign_noise"]', "eval.ifgsm_steps=2", 'eval.noise_modes=["stochastic", "noise_off"]',
          'export.noise_variants=["deterministic"]', "quantize.enabled=false", "bench.runs=3", "bench.warmup=1",
          'bench.optimizations=["all"]', "bench.batches=[1]", "bench.threads=[1]",
          "prune.method=magnitude", "prune.magnitude.fraction=0.3"]

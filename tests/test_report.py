@@ -32,3 +32,25 @@ def test_eval_and_transfer_checks_are_carried_over():
                                                  "detail": ""}]}}}
     assert failed([model(natural=40.0)], ev, transfer) == {("pruned/stochastic", "eot_not_above_single_sample"),
                                                            ("dense.onnx", "onnx_pgd_matches_torch_noise_off")}
+
+
+def test_the_pareto_plot_draws_the_computed_front():
+    from pipeline.report.format import pyplot
+    from pipeline.report.plots import pareto_figure, pareto_front, pareto_points
+
+    variants = [("dense", 1.0, 46.0, 27.0), ("pruned", 0.55, 47.5, 26.0), ("dense_int8", 0.7, 46.5, None),
+                ("pruned_int8", 0.4, 45.0, None), ("dense_stochastic", 1.8, 46.4, 28.0)]
+    report = {"run": "t", "devices": {"host": {"kind": "host"}},
+              "variants": [{"artifact": a, "natural_onnx": nat, "whitebox_worst_case": rob,
+                            "onnx_worst_attack": 25.0 if rob is None else None} for a, _, nat, rob in variants]}
+    rows = [{"device": "host", "emulated": False, "artifact": a, "p50_ms": lat} for a, lat, _, _ in variants]
+    fig = pareto_figure(report, rows, pyplot())
+    for kind in ("natural", "robust"):
+        pts = [(lat, acc) for _, k, lat, acc in pareto_points(report, rows) if k == kind]
+        front = sorted(pts[i] for i in pareto_front(pts))
+        (line,) = [ln for ln in fig.axes[0].lines if ln.get_gid() == f"pareto-{kind}"]
+        assert line.get_linestyle() == "--" and line.get_marker() == "o"   # a one-point front is still drawn
+        assert sorted(zip(line.get_xdata(), line.get_ydata())) == front
+    # natural: the fast int8 (0.4 ms, 45 %), pruned (0.55, 47.5) -- dense, dense_int8 and the slow ones dominated
+    natural = [ln for ln in fig.axes[0].lines if ln.get_gid() == "pareto-natural"][0]
+    assert list(natural.get_xdata()) == [0.4, 0.55]

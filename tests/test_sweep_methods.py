@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parent.parent
 # Keep these runs short: the paper's A2/A3 attacks on 64 images, a short latency sample, only the deterministic
 # artifacts (the noise variants and int8 are tested in test_e2e_smoke.py).
 CHEAP = ["--set", 'eval.attacks=["fgsm","ifgsm"]', "--set", "eval.images=64", "--set", "eval.sweep_steps=3",
-         "--set", "eval.per_sample_too=false", "--set", 'export.noise_variants=["deterministic"]',
+         "--set", 'eval.noise_modes=["stochastic", "noise_off"]', "--set", 'export.noise_variants=["deterministic"]',
          "--set", "quantize.enabled=false",
          "--set", "bench.runs=10", "--set", "bench.warmup=2", "--set", 'bench.optimizations=["all"]',
          "--set", "bench.batches=[1]", "--set", "bench.threads=[1]"]

@@ -2,7 +2,8 @@
 
 Every attack is a pure function ``(model, x, y, *, hyper-parameters, generator) -> x_adv``: batched, no I/O, no
 device choice. Its own randomness (random starts) comes from the explicit ``generator`` (on a GPU, ``None`` or a
-CUDA generator draws on the device); a stochastic model's test-time noise draws from torch's global RNG, which
+CUDA generator draws on the device; ``ImageStreams``: one stream per image, so that an image's example does not
+depend on its batch); a stochastic model's test-time noise draws from torch's global RNG, which
 the caller seeds. The model's train/eval mode is left as the caller set it.
 
 - The paper's columns exactly as its reference evaluation script ran them (``../shared/paper`` §2.3): ``fgsm``,
@@ -56,13 +57,53 @@ def _project(x_adv: torch.Tensor, x: torch.Tensor, eps) -> torch.Tensor:
     return torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1)
 
 
-def _random_start(x: torch.Tensor, eps: float, generator: torch.Generator | None) -> torch.Tensor:
+class ImageStreams:
+    """Random numbers per image: image ``ids[i]`` draws from its own stream (seeded by ``seed``, the image id and how
+    many draws it made), so its random starts do not depend on which other images share its batch -- the condition
+    for attacking only the survivors of earlier attacks (cascade evaluation) to give each image the same example as
+    attacking all of them. Pass it wherever an attack takes a ``generator``."""
+
+    def __init__(self, seed: int, ids: torch.Tensor, counts: torch.Tensor | None = None, parent=None, index=None):
+        self.seed, self.ids = int(seed), ids.detach().cpu().long()
+        self.counts = torch.zeros(len(self.ids), dtype=torch.long) if counts is None else counts
+        self.parent, self.index = parent, index   # a subset's draws count in the batch it came from too
+
+    def select(self, index: torch.Tensor) -> "ImageStreams":
+        """The streams of a subset of the batch."""
+        index = index.cpu()
+        return ImageStreams(self.seed, self.ids[index], self.counts[index].clone(), self, index)
+
+    def rand(self, shape, dtype=torch.float32) -> torch.Tensor:
+        out = torch.empty(shape, dtype=dtype)
+        for i, (image, count) in enumerate(zip(self.ids.tolist(), self.counts.tolist())):
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + image) * 1_009 + count)
+            out[i] = torch.rand(shape[1:], generator=g, dtype=dtype)
+        self.counts += 1
+        node = self
+        while node.parent is not None:
+            node.parent.counts[node.index] += 1
+            node = node.parent
+        return out
+
+
+def _subset(generator, index: torch.Tensor):
+    return generator.select(index) if isinstance(generator, ImageStreams) else generator
+
+
+def uniform_like(x: torch.Tensor, generator) -> torch.Tensor:
+    """U[0, 1) numbers shaped like ``x`` from an attack's ``generator`` (a torch generator, ``ImageStreams`` or
+    None): what every attack's randomness should come from."""
+    if isinstance(generator, ImageStreams):
+        return generator.rand(x.shape).to(x.device, x.dtype)
     if x.is_cuda and (generator is None or generator.device.type == "cuda"):
         # drawn on the GPU: no host round trip, and capturable in a CUDA graph (default generator)
-        noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    else:   # a CPU generator: the same draws whatever the device, as the CPU tests pin them
-        noise = torch.rand(x.shape, generator=generator, device="cpu").to(x.device)
-    noise = noise * 2 - 1
+        return torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    # a CPU generator: the same draws whatever the device, as the CPU tests pin them
+    return torch.rand(x.shape, generator=generator, device="cpu").to(x.device)
+
+
+def _random_start(x: torch.Tensor, eps: float, generator) -> torch.Tensor:
+    noise = uniform_like(x, generator) * 2 - 1
     return (x + eps * noise).clamp(0, 1)
 
 
@@ -115,7 +156,7 @@ def pgd_restarts(model, x: torch.Tensor, y: torch.Tensor, *, eps: float, step: f
         idx = standing.nonzero().squeeze(1)
         if len(idx):
             x_r = pgd(model, x[idx], y[idx], eps=eps, step=step, steps=steps, random_start=True,
-                      eot_samples=eot_samples, loss=loss, generator=generator)
+                      eot_samples=eot_samples, loss=loss, generator=_subset(generator, idx))
             x_adv[idx] = x_r
             standing[idx[_fooled(model, x_r, y[idx])]] = False
         if on_restart is not None:

@@ -17,6 +17,7 @@ DEPLOYED = ("dense", "pruned")                                         # the mod
 NOISE_OF_VARIANT = {"deterministic": "off", "stochastic": "batch", "per_sample": "per_sample"}   # models.noise_mode
 SUFFIX = {"deterministic": "", "stochastic": "_stochastic", "per_sample": "_per_sample", "int8": "_int8"}
 NOISE_OF_MODE = {"stochastic": "batch", "noise_off": "off", "per_sample": "per_sample"}   # eval mode -> noise
+WORST = "worst_case"   # the examples a cascade keeps: per image the one that broke it
 TWIN = {"deterministic": "noise_off", "stochastic": "stochastic", "per_sample": "per_sample", "int8": None}
 AGREEMENT_VARIANTS = ("deterministic", "int8")   # the variants whose predictions every device must reproduce
 QUANTIZED = ("int8",)                            # written by the quantize stage; the others by export

@@ -28,7 +28,9 @@ MOVED = {"prune.beta": "prune.rgsm.beta (RVSM: prune.rvsm.beta)", "prune.lambda1
          "prune.lambda2": "prune.rgsm.lambda2", "prune.rgsm_prox": "prune.rgsm.prox",
          "prune.penalty": "prune.rvsm.penalty", "prune.rvsm_lambda": "prune.rvsm.lam",
          "prune.tl1_a": "prune.rvsm.tl1_a", "prune.sparsity": "prune.admm.sparsity",
-         "prune.percentile": "prune.admm.percentile", "prune.rho": "prune.admm.rho"}
+         "prune.percentile": "prune.admm.percentile", "prune.rho": "prune.admm.rho",
+         "eval.noise_off_too": "eval.noise_modes (a list of stochastic, noise_off, per_sample)",
+         "eval.per_sample_too": "eval.noise_modes (a list of stochastic, noise_off, per_sample)"}
 
 
 def _type_name(t) -> str:

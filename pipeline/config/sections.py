@@ -283,8 +283,14 @@ class EvalConfig:
     eot_samples: int = 4        # EOT-PGD: input gradient averaged over this many noise draws (pgd_steps steps)
     apgd_steps: int = 100
     avg_passes: int = 8         # stochastic model: also score with the softmax averaged over this many passes
-    noise_off_too: bool = True  # also evaluate with the test-time noise off (the function the ONNX graph computes)
-    per_sample_too: bool = True  # also evaluate with the noise scale computed per image (export's per_sample variant)
+    # "full": every attack on every correctly classified image (per-attack numbers, every sanity ordering);
+    # "cascade" (AutoAttack's convention): cheapest first, each attack only on the images no earlier attack broke --
+    # the same worst case for a fraction of the time; its columns read "robust after this attack and all before".
+    mode: str = "full"
+    # How a model with test-time noise is attacked: "stochastic" (noise as trained: the paper's single pass),
+    # "noise_off" (the deterministic function the ONNX graph computes), "per_sample" (noise scale per image: the
+    # per_sample artifact). A model without noise is evaluated noise off only.
+    noise_modes: tuple[str, ...] = ("stochastic", "noise_off", "per_sample")
     sweep_eps_255: tuple[float, ...] = (0.0, 2.0, 4.0, 8.0)   # sanity: PGD accuracy must not rise with eps
     sweep_steps: int = 10
     sanity_slack_pt: float = 1.0  # least slack for comparisons of stochastic numbers (percentage points)
@@ -296,6 +302,10 @@ class EvalConfig:
                     f"distinct names from {', '.join(allowed)}")
         non_negative(self, "pgd_steps", "images", "ifgsm_steps", "cw_steps", "cw_kappa", "sanity_slack_pt",
                      "sweep_steps")
+        one_of(self, "mode", ("full", "cascade"))
+        require(bool(self.noise_modes) and all(m in artifacts.NOISE_OF_MODE for m in self.noise_modes)
+                and len(set(self.noise_modes)) == len(self.noise_modes), "noise_modes",
+                f"distinct names from {', '.join(artifacts.NOISE_OF_MODE)}, at least one")
         positive(self, "step_255", "batch_size", "eot_samples", "pgd_restarts", "apgd_steps", "avg_passes",
                  "paper_eps_01", "paper_step_01", "cw_lr", "cw_c")
         _radius(self, "eps_255")
@@ -412,7 +422,10 @@ class BenchConfig:
     threads: tuple[int, ...] = (1, 0)     # onnxruntime intra-op threads to time; 0 = all cores
     batches: tuple[int, ...] = (1, 32)
     warmup: int = 50
-    runs: int = 300
+    runs: int = 300             # rounds per setting (every artifact and level once per round, interleaved) ...
+    # ... or fewer: > 0 stops a setting's rounds after this many seconds, never below 30 rounds (p50/p90 from at
+    # least 30 samples each; p99 then is about their largest). 0 = always `runs` rounds.
+    seconds: float = 0.0
     accuracy_subset: int = 0    # 0 = the evaluated test set (data.test_subset)
     # onnxruntime graph optimisation levels to time. "all" adds the NCHWc layout transform, which pads channel
     # counts up to the SIMD block (8 or 16): pruned widths that are not multiples of it lose their speedup there.
@@ -423,7 +436,7 @@ class BenchConfig:
     def check(self) -> None:
         require(bool(self.optimizations) and all(o in LEVELS for o in self.optimizations), "optimizations",
                 f"a non-empty list from {', '.join(LEVELS)}")
-        non_negative(self, "accuracy_subset", "warmup")
+        non_negative(self, "accuracy_subset", "warmup", "seconds")
         positive(self, "runs")
         for name, minimum in (("threads", 0), ("batches", 1)):
             values = getattr(self, name)

@@ -96,6 +96,7 @@ def build_report(manifest: dict, baseline: dict | None = None) -> dict:
         "noise_overhead": bench.get("noise_overhead", []),
         "int8": bench.get("int8", []),
         "robustness": {"images": ev["images"], "modes": ev["modes"], "models": ev["models"],
+                       "mode": ev.get("mode", "full"),
                        "attacks": ev["attacks"], "seconds": ev["seconds"], "images_per_s": ev["images_per_s"],
                        "onnx_transfer": transfer["models"]},
         "paper": {k: v for k, v in cfg.get("paper", {}).items() if v not in (None, "")},

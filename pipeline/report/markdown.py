@@ -79,9 +79,15 @@ def _paper_tables(report: dict) -> list[str]:
         lines.append(f"| paper: {paper.get('row', '')} | as published | "
                      + " | ".join(_fmt(paper.get(k)) if k in paper else "–"
                                   for k in ("a1_natural", "a2_fgsm", "a3_ifgsm20", "a4_cw")) + " |")
+    cascade = rob.get("mode") == "cascade"
+    order = ("" if not cascade else
+             " **Cascade** (AutoAttack's convention): the attacks ran cheapest first, each only on the images no "
+             "earlier attack broke, so every column here and above is *robust after this attack and all before "
+             "it* (the columns only fall) and the worst case is exact; APGD and EOT attacks on a noisy model average "
+             "their gradient over `eval.eot_samples` noise draws.")
     lines += ["", "## Robustness: strong attacks", "",
               "Attack parameters: " + "; ".join(f"`{atk[k]['key']}`" for _, k in strong_cols) + ". Worst case: "
-              "an image counts as robust only if it survives every attack above.", "",
+              "an image counts as robust only if it survives every attack above." + order, "",
               "| model | mode | " + " | ".join(c for c, _ in strong_cols) + " | worst case | seconds |",
               "|---|---|" + "---:|" * (len(strong_cols) + 2)]
     for name, modes in rob["models"].items():
@@ -92,7 +98,8 @@ def _paper_tables(report: dict) -> list[str]:
                          + " | ".join(cell(res, k) for _, k in strong_cols)
                          + f" | {_fmt(res.get('worst_case'))} | {res.get('seconds')} |")
     if rob["onnx_transfer"]:
-        scored = list(atk)
+        scored = list(dict.fromkeys(k for res in rob["onnx_transfer"].values() for accs in res["crafted_on"].values()
+                                    for k in accs))
         lines += ["", "## ONNX artifacts scored by transfer (onnxruntime on examples crafted on the torch model)", "",
                   "| artifact | crafted on | natural | " + " | ".join(scored) + " |",
                   "|---|---|---:|" + "---:|" * len(scored)]

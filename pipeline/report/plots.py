@@ -25,6 +25,50 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return sorted(keep, key=lambda i: points[i][0])
 
 
+def pareto_points(report: dict, rows: list[dict]) -> list[tuple[str, str, float, float]]:
+    """(artifact, "natural" | "robust", host p50 ms, accuracy %) of every artifact benched on the host. Robust is the
+    white-box worst case of the artifact's torch twin (the security claim); int8 has no twin, so its point is
+    onnxruntime on its float model's examples (transfer, an upper bound)."""
+    host = [r for r in rows if not r["emulated"] and report["devices"].get(r["device"], {}).get("kind") == "host"]
+    out = []
+    for v in report.get("variants", []):
+        lat = next((r["p50_ms"] for r in host if r["artifact"] == v["artifact"]), None)
+        if lat is None:
+            continue
+        robust = v.get("whitebox_worst_case")
+        robust = v.get("onnx_worst_attack") if robust is None else robust
+        for kind, acc in (("natural", v["natural_onnx"]), ("robust", robust)):
+            if acc is not None:
+                out.append((v["artifact"], kind, lat, acc))
+    return out
+
+
+def pareto_figure(report: dict, rows: list[dict], plt):
+    """Accuracy against host latency, one colour per artifact (named in the legend, so no label overlaps another),
+    natural (o) and robust (^); each kind's Pareto front is the dashed line through its front points, ringed."""
+    points = pareto_points(report, rows)
+    fig, ax = plt.subplots(figsize=(6.6, 4.4))
+    artifacts = list(dict.fromkeys(p[0] for p in points))
+    colors = {a: plt.get_cmap("tab10")(i % 10) for i, a in enumerate(artifacts)}
+    for kind, marker in (("natural", "o"), ("robust", "^")):
+        pts = [p for p in points if p[1] == kind]
+        for name, _, lat, acc in pts:
+            ax.scatter([lat], [acc], marker=marker, color=colors[name], s=40, zorder=3)
+        front = pareto_front([(p[2], p[3]) for p in pts])
+        ax.plot([pts[j][2] for j in front], [pts[j][3] for j in front], color="#444", lw=1, ls="--", marker="o",
+                markersize=12, markerfacecolor="none", zorder=2, gid=f"pareto-{kind}")
+    handles = [plt.Line2D([], [], ls="", marker="s", color=colors[a], label=a) for a in artifacts]
+    handles += [plt.Line2D([], [], ls="", marker=m, color="#666", label=k) for k, m in (("natural", "o"),
+                                                                                          ("robust", "^"))]
+    handles.append(plt.Line2D([], [], ls="--", color="#444", marker="o", markerfacecolor="none", label="Pareto front"))
+    ax.legend(handles=handles, fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    ax.set_xlabel("host p50 latency, batch 1, 1 thread, ORT level all (ms)")
+    ax.set_ylabel("accuracy (%): natural; robust = white-box worst case\n(int8: transfer from its float model)")
+    ax.set_title(f"{report['run']}: accuracy vs latency (dashed: Pareto front)", fontsize=9)
+    ax.grid(alpha=0.3)
+    return fig
+
+
 def render_plots(report: dict) -> dict[str, bytes]:
     """PNG bytes: per-layer output widths (dense vs pruned), and accuracy vs best batch-1 latency."""
     plt = pyplot()
@@ -78,33 +122,7 @@ def _device_plots(report: dict, plt) -> dict[str, bytes]:
     axes[0][0].invert_yaxis()
     latency_devices = png(fig)
 
-    host = [r for r in rows if not r["emulated"] and report["devices"].get(r["device"], {}).get("kind") == "host"]
-    pts, labels = [], []
-    for v in report.get("variants", []):
-        lat = next((r["p50_ms"] for r in host if r["artifact"] == v["artifact"]), None)
-        if lat is None:
-            continue
-        # robust: the white-box worst case of the artifact's torch twin (the security claim); int8 has no twin,
-        # so its point is onnxruntime on its float model's examples (transfer, an upper bound)
-        robust = v.get("whitebox_worst_case")
-        robust = v.get("onnx_worst_attack") if robust is None else robust
-        for kind, acc in (("natural", v["natural_onnx"]), ("robust", robust)):
-            if acc is not None:
-                pts.append((lat, acc))
-                labels.append((v["artifact"], kind))
-    fig, ax = plt.subplots(figsize=(6.0, 4.2))
-    for kind, marker, color in (("natural", "o", "#9aa8b8"), ("robust", "^", "#2b6cb0")):
-        idx = [i for i, (_, k) in enumerate(labels) if k == kind]
-        ax.scatter([pts[i][0] for i in idx], [pts[i][1] for i in idx], marker=marker, color=color, label=kind)
-        for i in idx:
-            ax.annotate(labels[i][0], pts[i], textcoords="offset points", xytext=(4, 2), fontsize=7)
-        front = pareto_front([pts[i] for i in idx])
-        ax.plot([pts[idx[j]][0] for j in front], [pts[idx[j]][1] for j in front], color=color, lw=1, ls="--")
-    ax.set_xlabel("host p50 latency, batch 1, 1 thread, ORT level all (ms)")
-    ax.set_ylabel("accuracy (%): natural; robust = white-box worst case\n(int8: transfer from its float model)")
-    ax.set_title(f"{report['run']}: accuracy vs latency (dashed: Pareto front)", fontsize=9)
-    ax.legend(fontsize=8)
-    pareto = png(fig)
+    pareto = png(pareto_figure(report, rows, plt))
     return {PLOTS["latency_devices"]: latency_devices, PLOTS["pareto"]: pareto}
 
 

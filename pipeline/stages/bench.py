@@ -55,17 +55,19 @@ def best_rows(rows: list[dict]) -> dict[tuple[int, int], dict]:
 
 # Under emulation one ResNet20 inference takes ~0.3 s and the timings are not latencies anyway: unless the device
 # entry says otherwise, an emulated device predicts 64 images and times batch 1, one thread, level all, 10 runs.
-EMULATED_DEFAULTS = {"runs": 10, "warmup": 2, "batches": [1], "threads": [1], "levels": ["all"], "images": 64}
+EMULATED_DEFAULTS = {"runs": 10, "warmup": 2, "batches": [1], "threads": [1], "levels": ["all"], "images": 64,
+                     "seconds": 0.0}
 
 
 def device_plan(dev, b) -> dict:
     """A device's settings: its own values where set, else the ``[bench]`` ones (emulated: EMULATED_DEFAULTS)."""
     base = dict(EMULATED_DEFAULTS) if DEVICE_KINDS[kind_of(dev.target)].meta.get("emulated") else {
         "runs": b.runs, "warmup": b.warmup, "batches": list(b.batches), "threads": list(b.threads),
-        "levels": list(b.optimizations), "images": 0}
+        "levels": list(b.optimizations), "images": 0, "seconds": b.seconds}
     return {"runs": dev.runs or base["runs"], "warmup": dev.warmup or base["warmup"],
             "batches": list(dev.batches or base["batches"]), "threads": list(dev.threads or base["threads"]),
-            "levels": list(dev.optimizations or base["levels"]), "images": dev.images or base["images"]}
+            "levels": list(dev.optimizations or base["levels"]), "images": dev.images or base["images"],
+            "seconds": base["seconds"]}
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -106,7 +108,7 @@ def run(ctx: StageContext) -> StageResult:
                   ["all" if "all" in plan["levels"] else plan["levels"][-1]] for name in arts}
         job_dir = jobs / re.sub(r"[^A-Za-z0-9_.-]+", "_", dname)
         write_job(job_dir, {k: paths[k] for k in arts}, x[:n], settings=settings, levels=levels,
-                  warmup=plan["warmup"], runs=plan["runs"], seed=cfg.seed)
+                  warmup=plan["warmup"], runs=plan["runs"], seed=cfg.seed, seconds=plan["seconds"])
         ctx.log(f"device {dname}: {len(arts)} artifacts, {len(settings)} setting(s), {plan['runs']} runs each, "
                 f"{n} images")
         try:
@@ -155,7 +157,7 @@ def run(ctx: StageContext) -> StageResult:
             best = metrics["best_level"].get(name, "all")
             profile[name] = {"graph_optimization": best, "batch": batch, "threads": threads,
                              "ops": profile_op_types(paths[name], optimization=best, threads=threads, batch=batch,
-                                                     runs=b.runs, seed=cfg.seed)}
+                                                     runs=min(b.runs, 100), seed=cfg.seed)}
         metrics["profile"] = profile
     write_json(ctx.out_dir / "bench.json", metrics)
     failed = [f"{name}: {d['error']}" for name, d in devices.items() if "error" in d]

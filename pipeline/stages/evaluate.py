@@ -34,11 +34,11 @@ def save_examples(path, images: torch.Tensor, examples: dict[str, torch.Tensor])
 def run(ctx: StageContext) -> StageResult:
     cfg, e = ctx.cfg, ctx.cfg.eval
     images, labels, _ = eval_images(cfg)
-    specs = attack_specs(e)
     noisy = cfg.model.noise_coef > 0
-    modes = (["stochastic"] if noisy else []) + (["noise_off"] if (not noisy or e.noise_off_too) else []) \
-        + (["per_sample"] if noisy and e.per_sample_too else [])
-    ctx.log(f"{len(images)} test images, models {list(e.models)}, modes {modes}, attacks {list(specs)}")
+    modes = [m for m in NOISE_OF_MODE if m in e.noise_modes] if noisy else ["noise_off"]
+    specs = {mode: attack_specs(e, stochastic=mode != "noise_off") for mode in modes}
+    ctx.log(f"{len(images)} test images, models {list(e.models)}, modes {modes}, {e.mode} attacks "
+            f"{list(specs[modes[0]])}")
     results, outputs, t_all = {}, {}, time.perf_counter()
     for name in e.models:
         model = load_model(ctx.inputs[SOURCES[name]]["model_weights"], ctx.inputs[SOURCES[name]]["model_arch"])
@@ -54,13 +54,13 @@ def run(ctx: StageContext) -> StageResult:
             stochastic = mode != "noise_off"
             ctx.log(f"{name}, {mode}")
             t0 = time.perf_counter()
-            keep = list(specs) if name in DEPLOYED else []
+            keep = list(specs[mode]) if name in DEPLOYED else []
             with noise_mode(model, NOISE_OF_MODE[mode]):
-                res, kept = evaluate_model(model, images, labels, specs, stochastic=stochastic,
+                res, kept = evaluate_model(model, images, labels, specs[mode], stochastic=stochastic,
                                            batch_size=e.batch_size, avg_passes=e.avg_passes,
                                            sweep_eps_255=e.sweep_eps_255, sweep_steps=e.sweep_steps,
                                            seed=cfg.seed, log=lambda m, _p=f"{name}/{mode}": ctx.log(f"{_p} {m}"),
-                                           keep_examples=keep)
+                                           keep_examples=keep, cascade=e.mode == "cascade")
             res["seconds"] = round(time.perf_counter() - t0, 1)
             res["sanity"] = sanity_checks(res, stochastic=stochastic, slack_pt=e.sanity_slack_pt,
                                           paper_eps=e.paper_eps_01, strong_eps=e.eps_255 / 255,
@@ -76,7 +76,8 @@ def run(ctx: StageContext) -> StageResult:
     seconds = time.perf_counter() - t_all
     attacked = sum(r.get("images", 0) for m in results.values() for r in m.values())
     metrics = {"images": len(images), "modes": modes, "models": results,
-               "attacks": {k: {"key": s.key, "params": s.params} for k, s in specs.items()},
+               "attacks": {k: {"key": s.key, "params": s.params} for k, s in specs[modes[0]].items()},
+               "mode": e.mode,
                "seconds": round(seconds, 1), "images_per_s": round(attacked / max(seconds, 1e-9), 2)}
     return StageResult(outputs, metrics)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..catalog.artifacts import TWIN, artifact_path, artifacts
+from ..catalog.artifacts import TWIN, WORST, artifact_path, artifacts
 from ..run.stage import Stage, StageContext, StageResult
 from ..train.setup import eval_images
 
@@ -31,7 +31,10 @@ def run(ctx: StageContext) -> StageResult:
         twin = TWIN[variant]
         rows = {"model": model, "variant": variant, "twin_mode": twin,
                 "natural": 100.0 * float(clean_ok.mean()), "crafted_on": {}}
-        whitebox = evaluated[model].get("noise_off", {}).get("attacks", {})
+        noise_off = evaluated[model].get("noise_off", {})
+        whitebox = dict(noise_off.get("attacks", {}))
+        if "worst_case" in noise_off:   # a cascade keeps one set of examples: the worst case's
+            whitebox[WORST] = {"accuracy": noise_off["worst_case"]}
         sanity = []
         for mode in ctx.metrics_of["eval"]["modes"]:
             key = f"adv_{model}_{mode}"
