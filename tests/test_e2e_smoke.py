@@ -194,7 +194,9 @@ def test_report_fields(smoke):
                     "cw_paper[eps=0.031,c=10,kappa=0,lr=0.0006,steps=5]",
                     "pgd[eps=0.0313725,step=0.00784314,steps=10,restarts=2]",
                     "eot_pgd[eps=0.0313725,step=0.00784314,steps=10,eot_samples=2]",
-                    "apgd_ce[eps=0.0313725,steps=5]", "apgd_dlr[eps=0.0313725,steps=5]", "worst_case",
+                    # on the noisy model APGD averages its gradient over the noise (EOT), as EOT-PGD does
+                    "apgd_ce[eps=0.0313725,steps=5,eot_samples=2]", "apgd_dlr[eps=0.0313725,steps=5,eot_samples=2]",
+                    "apgd_ce[eps=0.0313725,steps=5]_noise_off", "worst_case",
                     "natural_noise_off", "ifgsm[eps=0.031,step=0.007,steps=10]_noise_off", "natural_avg4"):
             assert key in acc, (key, sorted(acc))
         assert not any(k.startswith("eot_pgd") and k.endswith("_noise_off") for k in acc)

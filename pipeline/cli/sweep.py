@@ -122,9 +122,11 @@ def _write(out: Path, config: str, grid, overrides, results: list[dict]) -> dict
     from ..report.sweep import PLOTS, render_sweep_markdown, render_sweep_plots
 
     sweep = {"config": str(config), "grid": {k: v for k, v in grid}, "overrides": list(overrides),
-             "points": results, "failed": sum(r["status"] != "done" for r in results), "plots": dict(PLOTS)}
-    for key, data in render_sweep_plots(sweep).items():
+             "points": results, "failed": sum(r["status"] != "done" for r in results)}
+    plots = render_sweep_plots(sweep)
+    for key, data in plots.items():
         atomic_write_bytes(out / PLOTS[key], data)
+    sweep["plots"] = {k: PLOTS[k] for k in plots}   # pareto_budget.png only for a budget (or --baseline) sweep
     write_json(out / "sweep.json", sweep)
     atomic_write_text(out / "sweep.md", render_sweep_markdown(sweep))
     return sweep
