@@ -50,8 +50,12 @@ def _paper_tables(report: dict) -> list[str]:
     strong_cols = [(k, k) for k in names("strong") if k in atk]
     mode_label = {"stochastic": "noise on, 1 pass (paper)", "noise_off": "noise off (= ONNX)",
                   "per_sample": "noise on, std per image"}
+    cascade = rob.get("mode") == "cascade"
     lines = ["", f"## Robustness: the paper's columns ({rob['images']} test images)", "",
-             "Attack parameters: " + "; ".join(f"`{atk[k]['key']}`" for _, k in paper_cols if k in atk) + ".", "",
+             "Attack parameters: " + "; ".join(f"`{atk[k]['key']}`" for _, k in paper_cols if k in atk) + "."
+             + (" **Cascade**: each column is robust after that attack *and every cheaper one before it* (see the "
+                "strong attacks below), not the paper's stand-alone column; `eval.mode = \"full\"` gives those."
+                if cascade else ""), "",
              "| model | mode | " + " | ".join(c for c, _ in paper_cols) + " |",
              "|---|---|" + "---:|" * len(paper_cols)]
 
@@ -79,7 +83,6 @@ def _paper_tables(report: dict) -> list[str]:
         lines.append(f"| paper: {paper.get('row', '')} | as published | "
                      + " | ".join(_fmt(paper.get(k)) if k in paper else "–"
                                   for k in ("a1_natural", "a2_fgsm", "a3_ifgsm20", "a4_cw")) + " |")
-    cascade = rob.get("mode") == "cascade"
     order = ("" if not cascade else
              " **Cascade** (AutoAttack's convention): the attacks ran cheapest first, each only on the images no "
              "earlier attack broke, so every column here and above is *robust after this attack and all before "
