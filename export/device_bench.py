@@ -14,15 +14,12 @@ JOB.json (paths relative to the job file's folder)::
      "levels": ["all"],                                  # levels timed, or {model: [levels]} per model
      "warmup": 10, "runs": 50, "seed": 0,
      "seconds": 0,                                       # > 0: a setting's rounds stop after this long (>= MIN_RUNS)
-     "steady": {"models": ["dense"], "level": "all", "batch": 1, "threads": 1},   # optional, see below
      "interleave": true}                                 # false: each model's runs back to back (steady state)
 
 RESULT.json: ``runtime`` (onnxruntime version, provider, machine, CPU model, emulation flag), per-model ``logits``
 on the inputs (level ``all``, one thread, batch ``predict_batch``) and file size, and ``latency`` rows with
 p50/p90/p99/mean per (model, level, batch, threads). All (model, level) pairs of one setting are timed
-interleaved in this one process, so slow drift hits every artifact alike. ``steady``: those models also timed
-each on its own, warm and back to back (as a device runs one model; the regime of a latency table), in
-``steady`` rows.
+interleaved in this one process, so slow drift hits every artifact alike.
 """
 import json
 import os
@@ -139,22 +136,6 @@ def main(job_path, result_path):
         for (name, level), ts in times.items():
             result["latency"].append({"model": name, "graph_optimization": level, "batch": b, "threads": threads,
                                       **percentiles(ts)})
-    steady = job.get("steady")
-    if steady:
-        b, threads, level = int(steady["batch"]), int(steady["threads"]) or cores, steady["level"]
-        result["steady"] = []
-        for name in steady["models"]:
-            s = session(ort, models[name], threads, level)
-            feed = {s.get_inputs()[0].name: rng.random((b, *shapes[name]), dtype=np.float32)}
-            for _ in range(warmup):
-                s.run(None, feed)
-            ts = []
-            for _ in range(runs):
-                t0 = time.perf_counter_ns()
-                s.run(None, feed)
-                ts.append(time.perf_counter_ns() - t0)
-            result["steady"].append({"model": name, "graph_optimization": level, "batch": b, "threads": threads,
-                                     **percentiles(ts)})
     tmp = result_path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(result, f)

@@ -34,7 +34,7 @@ def last_line(text: str) -> str:
 def write_job(job_dir: Path, models: dict[str, Path], inputs: np.ndarray | None, *, settings: list[dict],
               levels: list[str] | dict[str, list[str]], warmup: int, runs: int, seed: int, predict_batch: int = 50,
               shapes: dict[str, tuple[int, ...]] | None = None, interleave: bool = True,
-              seconds: float = 0.0, steady: dict | None = None) -> Path:
+              seconds: float = 0.0) -> Path:
     """A self-contained job folder: artifacts (hard links when possible), inputs.npy, job.json, the script.
     ``inputs`` None: timing only (then every model's input ``shapes`` without the batch are needed)."""
     job_dir.mkdir(parents=True, exist_ok=True)
@@ -53,7 +53,7 @@ def write_job(job_dir: Path, models: dict[str, Path], inputs: np.ndarray | None,
     shutil.copyfile(SCRIPT, job_dir / "device_bench.py")
     job = {"models": names, "inputs": "inputs.npy" if inputs is not None else None, "predict_batch": predict_batch,
            "settings": settings, "levels": levels, "warmup": warmup, "runs": runs, "seed": seed,
-           "interleave": interleave, "seconds": seconds, **({"steady": steady} if steady else {}),
+           "interleave": interleave, "seconds": seconds,
            **({"shapes": {k: list(v) for k, v in shapes.items()}} if shapes else {})}
     (job_dir / "job.json").write_text(json.dumps(job, indent=1))
     return job_dir / "job.json"

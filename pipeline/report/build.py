@@ -144,16 +144,12 @@ def budget_summary(budget: dict | None, st: dict, headline: dict) -> dict | None
         rows = {r["artifact"]: r["p50_ms"] for r in st["bench"]["metrics"].get("latency_all", [])
                 if r["device"] == table["device"] and r["batch"] == 1 and r["threads"] == 1
                 and r["graph_optimization"] == "all" and r["artifact"] in ("dense", "pruned")}
-        steady = st["bench"]["metrics"].get("devices", {}).get(table["device"], {}).get("steady", {})
         out.update(device=table["device"], predicted_dense_ms=budget["dense"],
                    predicted_pruned_ms=budget.get("latency_cost"), measured_dense_ms=rows.get("dense"),
-                   measured_pruned_ms=rows.get("pruned"), steady_dense_ms=steady.get("dense"),
-                   steady_pruned_ms=steady.get("pruned"))
+                   measured_pruned_ms=rows.get("pruned"))
         for name in ("dense", "pruned"):
-            pred = out[f"predicted_{name}_ms"]
-            for regime in ("measured", "steady"):
-                meas = out[f"{regime}_{name}_ms"]
-                out[f"prediction_error_{regime}_{name}"] = (pred - meas) / meas if pred and meas else None
+            pred, meas = out[f"predicted_{name}_ms"], out[f"measured_{name}_ms"]
+            out[f"prediction_error_{name}"] = (pred - meas) / meas if pred and meas else None
     return out
 
 

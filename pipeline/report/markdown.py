@@ -15,16 +15,12 @@ def _budget_lines(report: dict) -> list[str]:
             f"{b['dense']:.4g}); the final layout costs {b.get(b['kind'] + '_cost', float('nan')):.4g} "
             f"({ratio:.2f}x less by the cost model); measured best-vs-best speed-up {b['measured_speedup']:.2f}x.")
     if b["kind"] == "latency":
-        def pct(key):
-            v = b.get(key)
-            return f"{100 * v:+.1f} %" if v is not None else "–"
+        err = b.get("prediction_error_pruned")
         line += (f" Latency model on {b['device']} (level all, batch 1, 1 thread): dense predicted "
-                 f"{b['predicted_dense_ms']:.3f} ms, pruned {_fmt(b.get('predicted_pruned_ms'), 3)} ms; each run "
-                 f"warm on its own (the table's regime) dense {_fmt(b.get('steady_dense_ms'), 3)} ms "
-                 f"({pct('prediction_error_steady_dense')}), pruned {_fmt(b.get('steady_pruned_ms'), 3)} ms "
-                 f"({pct('prediction_error_steady_pruned')}); in the interleaved bench dense "
-                 f"{_fmt(b.get('measured_dense_ms'), 3)} ms ({pct('prediction_error_measured_dense')}), pruned "
-                 f"{_fmt(b.get('measured_pruned_ms'), 3)} ms ({pct('prediction_error_measured_pruned')}).")
+                 f"{b['predicted_dense_ms']:.3f} ms vs measured {_fmt(b.get('measured_dense_ms'), 3)} ms, pruned "
+                 f"predicted {_fmt(b.get('predicted_pruned_ms'), 3)} ms vs measured "
+                 f"{_fmt(b.get('measured_pruned_ms'), 3)} ms"
+                 + (f" ({100 * err:+.1f} %)." if err is not None else "."))
     return [line, ""]
 
 

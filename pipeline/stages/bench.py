@@ -107,11 +107,8 @@ def run(ctx: StageContext) -> StageResult:
         levels = {name: plan["levels"] if (kind == "host" and name in DETERMINISTIC) else
                   ["all" if "all" in plan["levels"] else plan["levels"][-1]] for name in arts}
         job_dir = jobs / re.sub(r"[^A-Za-z0-9_.-]+", "_", dname)
-        # the deterministic pair also warm and on its own (a latency table's regime), unless emulated
-        steady = None if DEVICE_KINDS[kind].meta.get("emulated") else {
-            "models": list(DETERMINISTIC), "level": "all", "batch": 1, "threads": 1}
         write_job(job_dir, {k: paths[k] for k in arts}, x[:n], settings=settings, levels=levels,
-                  warmup=plan["warmup"], runs=plan["runs"], seed=cfg.seed, seconds=plan["seconds"], steady=steady)
+                  warmup=plan["warmup"], runs=plan["runs"], seed=cfg.seed, seconds=plan["seconds"])
         ctx.log(f"device {dname}: {len(arts)} artifacts, {len(settings)} setting(s), {plan['runs']} runs each, "
                 f"{n} images")
         try:
@@ -134,8 +131,7 @@ def run(ctx: StageContext) -> StageResult:
                 entry["agreement_with_host"] = 100.0 * float((pred == reference[name][:n]).mean())
             per_art[name] = entry
         devices[dname] = {"target": dev.target, "kind": kind, "emulated": emulated, "runtime": rt,
-                          "qemu_cpu": dev.qemu_cpu if kind == "aarch64-emu" else None, "artifacts": per_art,
-                          "steady": {r["model"]: r["p50_ms"] for r in result.get("steady", [])}}
+                          "qemu_cpu": dev.qemu_cpu if kind == "aarch64-emu" else None, "artifacts": per_art}
         for r in result["latency"]:
             model, variant = arts[r["model"]]
             rows.append({"device": dname, "emulated": emulated, "runtime": f"onnxruntime {rt['onnxruntime']}",
