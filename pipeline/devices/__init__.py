@@ -16,10 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
+from export import device_bench
 from ..catalog.devices import DEVICE_KINDS, device_name, kind_of
 from ..core.errors import UserError
 
-SCRIPT = Path(__file__).resolve().parents[2] / "export" / "device_bench.py"
+# The script every device runs (copied into each job). Imported, not only copied, so that the code fingerprint of
+# every stage that benches on a device covers it.
+SCRIPT = Path(device_bench.__file__).resolve()
 
 
 class DeviceError(UserError, RuntimeError):
