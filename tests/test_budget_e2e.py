@@ -98,3 +98,30 @@ def test_baseline_trains_the_pruned_widths_from_scratch_beside(budgeted):
     report = json.loads((ref / "report.json").read_text())
     assert [r["model"] for r in report["baseline"]["rows"]] == ["dense", "pruned", "thin from scratch"]
     assert "| thin from scratch |" in (ref / "report.md").read_text()
+
+
+def test_a_latency_budget_is_met_and_a_cached_table_keeps_the_prune_stage(cifar_root, tmp_path):
+    """budget = "latency" on the host: the table is measured once into the cache; a rerun of the latency stage that
+    reads it from the cache reproduces its output, so the prune stage keeps its result."""
+    out = tmp_path / "run"
+    env_cache = {"PIPELINE_CACHE_DIR": str(tmp_path / "cache")}
+    args = ["run", "--config", "configs/smoke.toml", "--set", "prune.groups=coupled", "--set", "prune.align=2",
+            "--set", "prune.budget=latency", "--set", "prune.target=1.5", "--until", "prune", "--out", str(out)]
+
+    def cli():
+        return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=REPO, env={**_env(), **env_cache},
+                              capture_output=True, text=True, timeout=900)
+    first = cli()
+    _ok(first)
+    assert "0 cached" in first.stdout and "to measure" in first.stdout
+    manifest = json.loads((out / "manifest.json").read_text())
+    budget = manifest["stages"]["prune"]["metrics"]["budget"]
+    assert budget["kind"] == "latency" and budget["latency_cost"] <= budget["limit"] == pytest.approx(
+        budget["dense"] / 1.5)
+    table = json.loads((out / "latency" / "table.json").read_text())
+    assert table["used"] and table["units"] and table["full_ms"] > 0
+    import shutil
+    shutil.rmtree(out / "latency")                # its output gone: the stage reruns, from the cache
+    again = cli()
+    _ok(again)
+    assert "0 to measure" in again.stdout and "[prune] skipped: up to date" in again.stdout
