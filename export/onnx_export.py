@@ -212,9 +212,11 @@ def export_onnx(model: torch.nn.Module, path, *, opset: int = 18, dynamo: bool =
                                    f"mean difference {z:.1f} standard errors (limit {parity_max_z}), spread "
                                    f"ratio {spread:.2f} (limit 1/1.5..1.5)")
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
+        if isinstance(e, OSError) and e.filename is None:
+            e.filename = path   # a full disk's write error names no file
         raise
     # What the file really declares (an exporter may move the opset), not what was asked for.
     file_opset = max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=opset)

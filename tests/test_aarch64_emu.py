@@ -251,6 +251,7 @@ def fake_builder(monkeypatch):
 
     monkeypatch.setattr(emu_root, "_build_root", build)
     monkeypatch.setattr(emu_root, "_ensure_tools", lambda log: None)
+    monkeypatch.setattr(emu_root, "wheel_installer", lambda python, **k: [python, "-m", "pip"])  # a pip-less venv too
     monkeypatch.setattr(guest, "qemu_bin", lambda label: "qemu-aarch64-static")
     monkeypatch.setattr(guest, "qemu_version", lambda qemu=None: "7.2.22")
     monkeypatch.setattr(guest.os, "geteuid", lambda: 0)
@@ -369,3 +370,11 @@ def test_tiny_model_emulated_matches_host(tmp_path):
     np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * np.abs(a).max())
     assert (a.argmax(1) == b.argmax(1)).all()
     assert {r["graph_optimization"] for r in arm["latency"]} == {"all"}
+
+
+def test_the_configs_qemu_cpu_list_is_the_emulators():
+    """config validation (torch-free, pipeline/catalog) checks qemu_cpu against the list the guest describes."""
+    from pipeline.catalog.devices import QEMU_CPUS
+    from pipeline.devices.aarch64_emu import guest
+
+    assert tuple(guest.CPUS) == QEMU_CPUS

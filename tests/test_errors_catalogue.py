@@ -150,6 +150,98 @@ def internal_error(tmp, prev, mp):
     return ["run", "--config", SMOKE, "--out", str(tmp / "bug")]
 
 
+def user_folder(tmp, prev, mp):
+    """An existing folder of the user's, with subfolders named like stages (the files must survive)."""
+    user = tmp / "mine"
+    (user / "train").mkdir(parents=True)
+    (user / "train" / "my_model.pt").write_bytes(b"my weights")
+    (user / "export").mkdir()
+    (user / "export" / "prod.onnx").write_bytes(b"my graph")
+    return ["run", "--config", SMOKE, "--out", str(user)]
+
+
+def unrecorded_stage_folder(manifest: bytes | None = None):
+    """A copy of the previous run with a stage folder its manifest does not record (or a manifest reading {})."""
+    def setup(tmp, prev, mp):
+        import shutil
+
+        other = tmp / "other"
+        shutil.copytree(prev, other)
+        if manifest is None:
+            (other / "export").mkdir()
+            (other / "export" / "prod.onnx").write_bytes(b"my graph")
+        else:
+            (other / "manifest.json").write_bytes(manifest)
+        return ["run", "--config", SMOKE, "--out", str(other)]
+    return setup
+
+
+def eval_of(train_entry: dict):
+    """``pipeline eval --run`` on a run whose train stage is all there is (--until train, or a failed train)."""
+    def setup(tmp, prev, mp):
+        from pipeline.config import load_config, to_dict
+
+        run = tmp / "partial"
+        run.mkdir()
+        manifest = {"config": to_dict(load_config(SMOKE)), "stages": {"train": train_entry}}
+        (run / "manifest.json").write_text(json.dumps(manifest))
+        return ["eval", "--run", str(run)]
+    return setup
+
+
+def fifo_config(tmp, prev, mp):
+    import os
+
+    os.mkfifo(tmp / "cfg.toml")
+    return ["run", "--config", str(tmp / "cfg.toml"), "--out", str(prev)]
+
+
+def device_setup_no_pip(tmp, prev, mp):
+    """A uv-made venv (no pip module in this interpreter) and no uv, pip3 or pip on PATH."""
+    from pipeline.devices.aarch64_emu import root as emu_root
+
+    (tmp / "empty-bin").mkdir()
+    mp.setenv("PATH", str(tmp / "empty-bin"))
+    mp.setattr(emu_root, "_pip_importable", lambda: False)
+    mp.setattr(emu_root, "_ensure_tools", lambda log: None)     # never apt-get from a test
+    return ["device", "setup", "aarch64-emu", "--root", str(tmp / "arm64")]
+
+
+def sigterm_at_start_up(tmp, prev, mp):
+    import os
+    import signal
+
+    def terminated(*a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)   # the handler turns it into KeyboardInterrupt right here
+        raise AssertionError("SIGTERM was not handled")
+    mp.setattr("pipeline.config.load_config", terminated)
+    return ["run", "--config", SMOKE, "--out", str(prev)]
+
+
+def no_home(tmp, mp):
+    mp.setenv("HOME", str(tmp / "no-such-home"))
+    for env in ("PIPELINE_DATA_ROOT", "PIPELINE_ARM_ROOT", "PIPELINE_CACHE_DIR"):
+        mp.delenv(env, raising=False)
+
+
+def home_missing_data(tmp, prev, mp):
+    no_home(tmp, mp)
+    return ["run", "--config", SMOKE, "--out", str(tmp / "fresh")]
+
+
+def home_missing_arm_root(tmp, prev, mp):
+    no_home(tmp, mp)
+    return ["device", "check", "aarch64-emu"]
+
+
+def grid(*args):
+    return lambda t, p, m: ["sweep", "--config", SMOKE, *args, "--out", str(p)]
+
+
+def ssh_device(target):
+    return sets('bench.devices=[{target="host"}, {target="%s"}]' % target)
+
+
 # id -> (setup, expected fragment of the message, exit code)
 CASES = {
     "config-missing": (lambda t, p, m: ["run", "--config", str(t / "nope.toml"), "--out", str(p)], "file not found", 2),
@@ -241,6 +333,47 @@ CASES = {
                           "model.widths: expected per-layer widths that fit test_resnet", 2),
     "baseline-without-run": (lambda t, p, m: ["baseline", "--run", str(p)], "no finished run here", 2),
     "internal-error": (internal_error, "internal error: ValueError: an internal bug (rerun with --debug", 1),
+    "out-not-a-run-folder": (user_folder, "not empty and not a pipeline run folder (no manifest.json; holds export, "
+                                          "train)", 2),
+    "stage-folder-not-recorded": (unrecorded_stage_folder(), "export: exists but", 2),
+    "manifest-empty": (unrecorded_stage_folder(b"{}"), "records no finished 'train' stage there", 2),
+    "set-inline-table": (sets('train={epochs="ten"}'), "--set: train.epochs: expected int", 2),
+    "set-value-for-a-section": (sets("data=1"), "--set: data: expected a table, got int (1)", 2),
+    "set-value-for-a-subsection": (sets("train.attack=pgd"), "--set: train.attack: expected a table, got str", 2),
+    "eval-run-until-train": (eval_of({"status": "done", "key": "k", "outputs": {}}),
+                             "stage(s) train, latency, prune", 2),
+    "eval-run-training-failed": (eval_of({"status": "failed", "key": "k", "last_failure": {"error": "nan"}}),
+                                 "stage(s) train, latency, prune", 2),
+    "seed-negative": (sets("seed=-1"), "--set: seed: expected an integer in [0, 2,147,483,648), got -1", 2),
+    "seed-huge": (sets("seed=100000000000000000000000"), "--set: seed: expected an integer in [0, 2,147,483,648)", 2),
+    "qemu-cpu-unknown": (sets('bench.devices=[{target="host"}, {target="aarch64-emu", qemu_cpu="pentium4"}]'),
+                         "bench.devices[1]: qemu_cpu: expected one of cortex-a72, cortex-a76, neoverse-n1, max", 2),
+    "val-size-leaves-no-batch": (sets("data.val_size=49999"), "data.val_size: expected at most 50,000 - "
+                                                              "train.batch_size = 49,936", 2),
+    "parity-draws-one": (sets("export.parity_draws=1"), "export.parity_draws: expected >= 2", 2),
+    "surgery-tol-huge": (sets("surgery.tol=1e10"), "surgery.tol: expected a tolerance in (0, 1e-3]", 2),
+    "data-root-unknown-user": (sets('data.root="~nosuchuser/x"'), "'~nosuchuser' names no user of this machine", 2),
+    "config-nested-too-deep": (config_file("a = " + "[" * 5000 + "]" * 5000 + "\n"), "nested too deeply", 2),
+    "config-is-a-fifo": (fifo_config, "not a regular file (a FIFO)", 2),
+    "warmup-longer-than-epochs": (sets("train.lr_warmup_epochs=100"), "train.lr_warmup_epochs: expected at most "
+                                                                      "train.epochs", 2),
+    "ssh-port-zero": (ssh_device("ssh://pi@board:0"), "port of 'ssh://pi@board:0' is not a number in 1..65535", 2),
+    "ssh-empty-user": (ssh_device("ssh://@board"), "user of 'ssh://@board': expected a login name", 2),
+    "ssh-user-like-an-option": (ssh_device("ssh://-oProxyCommand=x@board"), "expected a login name, not empty and "
+                                                                            "not starting with '-'", 2),
+    "eval-no-attacks": (sets("eval.attacks=[]"), "eval.attacks: expected at least one attack", 2),
+    "eval-no-models": (sets("eval.models=[]"), "eval.models: expected at least one model", 2),
+    "pgd-steps-zero": (sets("eval.pgd_steps=0"), "eval.pgd_steps: expected > 0", 2),
+    "device-setup-no-pip": (device_setup_no_pip, "no pip found to fetch the aarch64 wheels", 2),
+    "sigterm": (sigterm_at_start_up, "interrupted (SIGTERM); finished stages are kept", 2),
+    "home-missing-data": (home_missing_data, "no-such-home does not exist, so there is no default CIFAR-10 folder", 2),
+    "home-missing-arm-root": (home_missing_arm_root, "does not exist, so there is no default arm64 root", 2),
+    "grid-unknown-key": (grid("--grid", "nosuch.key=1,2"), "--grid point nosuch.key=1: unknown key 'nosuch'", 2),
+    "bench-device-empty": (lambda t, p, m: ["run", "--config", SMOKE, "--bench-device", "", "--out", str(p)],
+                           "--bench-device: bench.devices[1]: target: unknown device target ''", 2),
+    "grid-unclosed-list": (grid("--grid", "bench.threads=[1,2],[1"), "an empty value, or an unclosed bracket", 2),
+    "grid-same-point-twice": (grid("--grid", "prune.rgsm.lambda1=1,1.0"), "prune.rgsm.lambda1=1 and 1.0 are the "
+                                                                          "same value", 2),
 }
 
 
@@ -286,6 +419,23 @@ def test_mistake_gives_one_line_and_changes_nothing(case, previous_run, tmp_path
     assert err.startswith("pipeline: ") and expected in err, (case, err)
     monkeypatch.undo()
     assert snapshot(previous_run) == before, case
+
+
+def test_a_users_folder_is_refused_and_every_file_survives(tmp_path, capsys):
+    argv = user_folder(tmp_path, None, None)
+    user = Path(argv[-1])
+    before = snapshot(user)
+    assert cli.main(argv) == 2
+    assert "not a pipeline run folder" in capsys.readouterr().err
+    assert snapshot(user) == before and sorted(p.name for p in user.iterdir()) == ["export", "train"]
+
+
+def test_an_unrecorded_stage_folder_survives(previous_run, tmp_path, capsys):
+    argv = unrecorded_stage_folder()(tmp_path, previous_run, None)
+    other = Path(argv[-1])
+    before = snapshot(other)
+    assert cli.main(argv) == 2 and "export: exists but" in capsys.readouterr().err
+    assert snapshot(other) == before
 
 
 def test_debug_shows_the_traceback_of_an_internal_error(tmp_path, monkeypatch):

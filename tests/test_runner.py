@@ -273,6 +273,7 @@ def code_toy(tmp_path, monkeypatch):
         code_fingerprint.cache_clear()   # a new process would read the sources afresh
         logs = []
         manifest = run_pipeline(load_config(None), run_dir, stages, log=logs.append, reuse_stale=reuse_stale)
+        run.logs = logs
         return manifest, {line[1] for line in logs if line.endswith("] running")}
 
     yield pkg, run
@@ -294,6 +295,34 @@ def test_changed_stage_code_reruns_that_stage_and_later_only(code_toy):
     # only the last stage's own module
     (pkg / "c.py").write_text((pkg / "c.py").read_text() + "# changed\n")
     assert run()[1] == {"c"}
+
+
+def test_every_recomputation_of_a_finished_stage_says_why(code_toy, tmp_path):
+    pkg, run = code_toy
+    run()
+    (pkg / "helper.py").write_text("SCALE = 3\n")
+    run()
+    reasons = [line for line in run.logs if "recomputed because" in line]
+    assert reasons == [f"[b] recomputed because its code changed: {pkg.name}.helper (--reuse-stale keeps the old "
+                       "result)"], run.logs
+    (tmp_path / "run" / "a" / "a.txt").write_text("tampered\n")
+    run()
+    assert f"[a] recomputed because its output {tmp_path / 'run' / 'a' / 'a.txt'} changed or is damaged (sha256 " \
+           "differs from the manifest)" in run.logs
+    (tmp_path / "run" / "c" / "c.txt").unlink()
+    run()
+    assert f"[c] recomputed because its output {tmp_path / 'run' / 'c' / 'c.txt'} is missing" in run.logs
+
+
+def test_a_settings_change_and_an_input_change_are_named(toy, tmp_path):
+    toy.run(tmp_path)
+    _, _, logs = toy.run(tmp_path, ["prune.rgsm.lambda1=0.5", "seed=0"])
+    assert "[b] recomputed because its settings changed: prune.rgsm.lambda1" in logs
+    assert "[c] recomputed because its input stage b was recomputed with other results" in logs
+    assert not any(line.startswith("[a] recomputed") for line in logs)
+    # a stage that never finished runs without a reason line
+    _, _, logs = toy.run(tmp_path / "fresh")
+    assert not any("recomputed" in line for line in logs)
 
 
 def test_reuse_stale_keeps_stages_and_records_it(code_toy):

@@ -17,6 +17,10 @@ from ..core.registry import Registry
 
 DEVICE_KINDS = Registry("device kind")
 
+# aarch64-emu: the CPUs qemu emulates that the arm64 root's fake /proc/cpuinfo describes
+# (pipeline/devices/aarch64_emu/guest.py holds their part numbers)
+QEMU_CPUS = ("cortex-a72", "cortex-a76", "neoverse-n1", "max")
+
 
 @dataclass(frozen=True)
 class SshTarget:
@@ -40,8 +44,16 @@ def parse_ssh_target(target: str) -> SshTarget:
     try:
         port = parts.port
     except ValueError:
-        raise ValueError(f"port of {target!r} is not a number in 1..65535") from None
-    return SshTarget(parts.username, parts.hostname, port)
+        port = 0
+    if port is not None and not 1 <= port <= 65535 or parts.netloc.endswith(":"):
+        raise ValueError(f"port of {target!r} is not a number in 1..65535")
+    user = parts.username
+    if user is not None and (not user or user.startswith("-")):
+        # ssh would read a user (or host) starting with "-" as an option
+        raise ValueError(f"user of {target!r}: expected a login name, not empty and not starting with '-'")
+    if parts.hostname.startswith("-"):
+        raise ValueError(f"host of {target!r}: expected a host name, not one starting with '-'")
+    return SshTarget(user, parts.hostname, port)
 
 
 DEVICE_KINDS.register("host", "pipeline.devices.host:run", match=lambda t: t == "host", describe="host")

@@ -103,10 +103,45 @@ def _os_error(e: OSError) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line. SIGTERM (``kill``, a scheduler's stop, ``docker stop``) is handled as Ctrl-C: it raises
+    KeyboardInterrupt, so the runner removes the stage's temporary folder and records the failure (mid-stage
+    checkpoints stay) and one line is printed; a second SIGTERM during that clean-up kills at once. Under torchrun
+    only rank 0 does so: the other ranks may sit for hours in a collective that no Python handler can interrupt,
+    so they keep SIGTERM's default and die with their parent as before. Library warnings (matplotlib, numpy, ...)
+    are hidden unless --debug (or python -W / $PYTHONWARNINGS) asks for them."""
+    import os
+    import signal
+    import threading
+    import warnings
+
+    owner, terminated = os.getpid(), []
+    # onnxruntime's telemetry would write a device id under $HOME (creating a missing home folder) and try the
+    # network; the pipeline never reaches out at run time
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+
+    def on_sigterm(signum, frame):
+        if os.getpid() != owner or terminated:   # a forked child, or a second SIGTERM: die as before
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        terminated.append(signum)
+        raise KeyboardInterrupt
+
+    installed = threading.current_thread() is threading.main_thread() and os.environ.get("RANK", "0") in ("", "0")
+    if installed:
+        previous = signal.signal(signal.SIGTERM, on_sigterm)
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     try:
-        return _main(argv)
+        with warnings.catch_warnings():
+            if not debug and not sys.warnoptions:
+                warnings.simplefilter("ignore")
+            return _main(argv)
     except KeyboardInterrupt:   # at any point, start-up included
-        return _fail("interrupted; finished stages are kept, rerun the same command to resume")
+        how = " (SIGTERM)" if terminated else ""
+        return _fail(f"interrupted{how}; finished stages are kept, rerun the same command to resume")
+    finally:
+        if installed:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def _main(argv: list[str] | None) -> int:
@@ -126,7 +161,8 @@ def _main(argv: list[str] | None) -> int:
         overrides = list(args.set)
         if getattr(args, "bench_device", None):
             targets = ["host"] + [t for t in args.bench_device if t != "host"]
-            overrides.append("bench.devices=[" + ", ".join('{target = %s}' % json.dumps(t) for t in targets) + "]")
+            overrides.append(("--bench-device", "bench.devices=[" + ", ".join('{target = %s}' % json.dumps(t)
+                                                                         for t in targets) + "]"))
         cfg = load_config(args.config, overrides)
         if args.command == "show-config":
             print("\n".join(show_lines(cfg)))

@@ -28,13 +28,36 @@ def parse_grid(texts: list[str]) -> list[tuple[str, list]]:
         if key in seen:
             raise ConfigError(f"--grid {text}: '{key}' is given twice; list all its values in one --grid")
         seen.add(key)
-        values = [parse_override(f"{key}={v}", f"--grid {text}")[1] for v in raw.split(",")]
+        values = [parse_override(f"{key}={v}", f"--grid {text}")[1] for v in _split_values(raw, text)]
         if len(set(map(repr, values))) != len(values):
             raise ConfigError(f"--grid {text}: repeated value")
         grid.append((key, values))
     if not grid:
         raise ConfigError("sweep: give at least one --grid section.key=value1,value2")
     return grid
+
+
+def _split_values(raw: str, text: str) -> list[str]:
+    """``1,2`` -> [1, 2]; commas inside brackets, braces or quotes belong to the value (``[1,2],[1]`` is two
+    lists)."""
+    values, depth, quote, start = [], 0, "", 0
+    for i, c in enumerate(raw):
+        if quote:
+            quote = "" if c == quote else quote
+        elif c in "\"'":
+            quote = c
+        elif c in "[{":
+            depth += 1
+        elif c in "]}":
+            depth -= 1
+        elif c == "," and depth == 0:
+            values.append(raw[start:i])
+            start = i + 1
+    values.append(raw[start:])
+    if depth or quote or any(not v.strip() for v in values):
+        raise ConfigError(f"--grid {text}: expected section.key=value1,value2,... (an empty value, or an unclosed "
+                          "bracket or quote)")
+    return values
 
 
 def _slug(key: str, value) -> str:
@@ -47,17 +70,15 @@ def grid_points(config: str, grid: list[tuple[str, list]], overrides: list[str])
     points = []
     for combo in itertools.product(*(values for _, values in grid)):
         assignment = {key: value for (key, _), value in zip(grid, combo)}
-        sets = list(overrides) + [f"{k}={toml_value(v)}" for k, v in assignment.items()]
+        # a bad value is blamed on its grid point, not on --set
+        sets = list(overrides) + [(f"--grid point {k}={v!r}", f"{k}={toml_value(v)}") for k, v in assignment.items()]
         name = "__".join(_slug(k, v) for k, v in assignment.items())
-        try:
-            cfg = load_config(config, sets)
-        except ConfigError as e:
-            # name the grid point, not --set, when the bad value came from the grid
-            text = str(e)
-            for key, value in assignment.items():
-                if text.startswith(f"--set: {key}:") or text.startswith("--set: ") and f"'{key}'" in text:
-                    raise ConfigError(f"--grid point {key}={value!r}: {text.removeprefix('--set: ')}") from None
-            raise
+        cfg = load_config(config, sets)
+        for other_name, other, other_cfg in points:
+            if other_cfg == cfg:
+                same = ", ".join(f"{k}={other[k]!r} and {v!r}" for k, v in assignment.items() if repr(other[k]) != repr(v))
+                raise ConfigError(f"--grid: {same} are the same value: points {other_name} and {name} would be "
+                                  "the same run; give each value once")
         points.append((name, assignment, cfg))
     return points
 
@@ -82,6 +103,9 @@ def run_sweep(config: str, grid_texts: list[str], overrides: list[str], out: Pat
         if not d.is_dir():
             raise ConfigError(f"--share-from {d}: not a folder")
         extra += sorted(p for p in (d / "points").iterdir() if p.is_dir()) if (d / "points").is_dir() else [d]
+    if out.is_dir() and not (out / "sweep.json").exists() and not (out / "points").is_dir() and any(out.iterdir()):
+        raise ConfigError(f"--out {out}: not empty and not a sweep folder (no sweep.json or points/); the pipeline "
+                          "writes only into a new or empty folder or one of its own sweeps: choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     results, tried = [], []
     partial = stages is not None and stages[-1] is not STAGES[-1]

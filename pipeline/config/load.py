@@ -6,9 +6,11 @@ found. Each section checks its own values (``sections.py``); this module walks t
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
+import stat
 import tomllib
 import types
 import typing
@@ -33,13 +35,25 @@ MOVED = {"prune.beta": "prune.rgsm.beta (RVSM: prune.rvsm.beta)", "prune.lambda1
          "eval.per_sample_too": "eval.noise_modes (a list of stochastic, noise_off, per_sample)"}
 
 
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "not a file"
+
+
 def _type_name(t) -> str:
     return getattr(t, "__name__", str(t))
 
 
-def _from_set(key: str, overridden: frozenset) -> bool:
-    """Did ``key`` (or a table or list holding it) come from ``--set``?"""
-    return any(o == key or key.startswith((o + ".", o + "[")) for o in overridden)
+def _blame(key: str, overridden: dict, source: str, *, below: bool = False) -> str:
+    """Where ``key`` came from: the option that set it (or a table or list holding it; with ``below``, also a
+    key inside it), else the file."""
+    for o, label in overridden.items():
+        if o == key or key.startswith((o + ".", o + "[")) or below and o.startswith((key + ".", key + "[")):
+            return label
+    return source
 
 
 def _coerce(value, hint, where: str, source: str):
@@ -75,9 +89,12 @@ def _coerce(value, hint, where: str, source: str):
     return value
 
 
-def _build(cls, data: dict, prefix: str, source: str, overridden: frozenset = frozenset()):
+def _build(cls, data: dict, prefix: str, source: str, overridden: dict | None = None):
+    overridden = overridden or {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'top level'}: expected a table, got {type(data).__name__}")
+        where = prefix.rstrip(".") or "top level"
+        raise ConfigError(f"{_blame(where, overridden, source)}: {where}: expected a table, got "
+                          f"{type(data).__name__} ({data!r})")
     hints = typing.get_type_hints(cls)
     fields = dataclasses.fields(cls)
     inline = {f.name: f.metadata["inline_table"] for f in fields if "inline_table" in f.metadata}
@@ -85,7 +102,7 @@ def _build(cls, data: dict, prefix: str, source: str, overridden: frozenset = fr
     for key in data:
         if key not in names:
             dotted = prefix + key
-            src = "--set" if any(o == dotted or o.startswith(dotted + ".") for o in overridden) else source
+            src = _blame(dotted, overridden, source, below=True)
             moved = f" (moved to {MOVED[dotted]})" if dotted in MOVED else f" (known: {', '.join(sorted(names))})"
             raise ConfigError(f"{src}: unknown key '{dotted}'{moved}")
     kwargs = {}
@@ -102,7 +119,7 @@ def _build(cls, data: dict, prefix: str, source: str, overridden: frozenset = fr
         if dataclasses.is_dataclass(hint):
             kwargs[f.name] = _build(hint, data[f.name], where + ".", source, overridden)
         else:
-            kwargs[f.name] = _coerce(data[f.name], hint, where, "--set" if where in overridden else source)
+            kwargs[f.name] = _coerce(data[f.name], hint, where, _blame(where, overridden, source))
     return cls(**kwargs)
 
 
@@ -119,11 +136,12 @@ def _sections(obj, prefix: str = ""):
     yield prefix, obj
 
 
-def _validate(cfg: RunConfig, source: str, overridden: frozenset = frozenset()) -> None:
+def _validate(cfg: RunConfig, source: str, overridden: dict | None = None) -> None:
+    overridden = overridden or {}
     flat = flatten(cfg)
 
     def error(key: str, expected: str, involved=(), plain: bool = False) -> ConfigError:
-        src = "--set" if any(_from_set(k, overridden) for k in (key, *involved)) else source
+        src = next((b for b in (_blame(k, overridden, source) for k in (key, *involved)) if b != source), source)
         if plain:
             return ConfigError(f"{src}: {key}: {expected}")
         value = list(flat[key]) if isinstance(flat.get(key), tuple) else flat.get(key)
@@ -206,20 +224,27 @@ def parse_override(text: str, source: str) -> tuple[list[str], object]:
         raise ConfigError(f"{source}: expected section.key=value, got {text!r}")
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
+    except RecursionError:
+        raise ConfigError(f"{source} {text[:60]}: value nested too deeply") from None
     except tomllib.TOMLDecodeError:
         value = raw.strip()  # a bare word such as `--set prune.init=scratch` is meant as a string
     return key.strip().split("."), value
 
 
-def load_config(path: str | Path | None, overrides: list[str] = (), *, data: dict | None = None,
+def load_config(path: str | Path | None, overrides: list = (), *, data: dict | None = None,
                 source: str | None = None) -> RunConfig:
-    """From a TOML file, or (``data``) from a run's recorded config, then the ``--set`` overrides."""
+    """From a TOML file, or (``data``) from a run's recorded config, then the overrides: ``"section.key=value"``
+    (from ``--set``) or ``(option, "section.key=value")`` for another option (``--grid``, ``--bench-device``), which
+    error messages then blame."""
     source = source or (str(path) if path else "<defaults>")
-    data = dict(data) if data is not None else {}
-    overridden = set()
+    data = copy.deepcopy(data) if data is not None else {}   # overrides merge into nested tables
+    overridden: dict[str, str] = {}
     if path is not None:
         p = Path(path)
         try:
+            kind = p.stat().st_mode
+            if not stat.S_ISREG(kind) and not stat.S_ISDIR(kind):   # a FIFO would block forever
+                raise ConfigError(f"{source}: not a regular file ({_file_kind(kind)}), expected a TOML file")
             raw = p.read_bytes()
             # utf-8-sig: a BOM (as some Windows editors write) is accepted and dropped
             data = tomllib.loads(raw.decode("utf-8-sig"))
@@ -234,18 +259,32 @@ def load_config(path: str | Path | None, overrides: list[str] = (), *, data: dic
             raise ConfigError(f"{source}: cannot read: {e.strerror or e}") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{source}: invalid TOML: {e}") from None
+        except RecursionError:
+            raise ConfigError(f"{source}: invalid TOML: tables or arrays nested too deeply") from None
         if not data:
             raise ConfigError(f"{source}: empty config; expected at least name and the [model], [train] and "
                               "[prune] settings (defaults alone are the 200 + 200-epoch paper recipe)")
-    for text in overrides:
-        keys, value = parse_override(text, "--set")
+    for item in overrides:
+        label, text = item if isinstance(item, tuple) else ("--set", item)
+        keys, value = parse_override(text, label)
         node = data
         for k in keys[:-1]:
             node = node.setdefault(k, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"--set {text}: '{k}' is not a section")
-        node[keys[-1]] = value
-        overridden.add(".".join(keys))
-    cfg = _build(RunConfig, data, "", source, frozenset(overridden))
-    _validate(cfg, source, frozenset(overridden))
+                raise ConfigError(f"{label} {text}: '{k}' is not a section")
+        _merge(node, keys[-1], value, ".".join(keys), label, overridden)
+    cfg = _build(RunConfig, data, "", source, overridden)
+    _validate(cfg, source, overridden)
     return cfg
+
+
+def _merge(node: dict, key: str, value, dotted: str, label: str, overridden: dict) -> None:
+    """``node[key] = value``, except that a table given for a table merges into it key by key (``--set
+    'train={epochs=1}'`` changes train.epochs and nothing else of [train]); every key set is remembered with the
+    option that set it, for the blame in error messages."""
+    if isinstance(value, dict) and isinstance(node.get(key), dict):
+        for k, v in value.items():
+            _merge(node[key], k, v, f"{dotted}.{k}", label, overridden)
+        return
+    node[key] = value
+    overridden[dotted] = label

@@ -8,12 +8,33 @@ from dataclasses import dataclass, field
 
 from ..catalog import artifacts
 from ..catalog.attacks import ATTACKS
-from ..catalog.devices import DEVICE_KINDS, check_target, device_name, kind_of
+from ..catalog.devices import DEVICE_KINDS, QEMU_CPUS, check_target, device_name, kind_of
 from ..catalog.sparsifiers import SPARSIFIERS, method_names
 from ..core.checks import Invalid, fractions, non_negative, one_of, positive, require
 
 LEVELS = ("disable", "basic", "extended", "all")   # onnxruntime graph optimisation levels
 BUDGETS = ("none", "macs", "params", "latency")
+SEED_LIMIT = 2**31          # seeds in [0, 2**31): every derived stream (seed + offset, numpy's rng) takes them
+CIFAR10_TRAIN = 50_000      # images of the training set that val_size splits
+
+
+def _seed(section, name: str) -> None:
+    require(0 <= getattr(section, name) < SEED_LIMIT, name, f"an integer in [0, {SEED_LIMIT:,})")
+
+
+def path_problem(path: str) -> str | None:
+    """What is wrong with a path a user wrote (None if nothing): a ``~user`` that names no user here."""
+    from pathlib import Path
+
+    if path.startswith("~"):
+        head = path.split("/", 1)[0]
+        try:
+            expanded = Path(head).expanduser()
+        except RuntimeError:
+            expanded = Path(head)
+        if str(expanded).startswith("~"):
+            return f"{head!r} names no user of this machine"
+    return None
 
 
 class Sections(Mapping):
@@ -56,8 +77,11 @@ class DataConfig:
 
     def check(self) -> None:
         non_negative(self, "train_subset", "test_subset")
-        require(0 < self.val_size < 50_000, "val_size",
+        require(0 < self.val_size < CIFAR10_TRAIN, "val_size",
                 "between 1 and 49,999 (the train stage selects its checkpoint on this split)")
+        _seed(self, "split_seed")
+        problem = path_problem(self.root)
+        require(problem is None, "root", f"a folder path ({problem})")
 
 
 @dataclass(frozen=True)
@@ -178,6 +202,8 @@ class TrainConfig:
                 "false when train.momentum = 0 (Nesterov needs momentum)", ("momentum",))
         _decay(self, "lr_gamma")
         fractions(self, "lr_milestones")
+        require(self.lr_warmup_epochs <= self.epochs, "lr_warmup_epochs",
+                f"at most train.epochs = {self.epochs} (the warm-up is part of the stage's epochs)", ("epochs",))
 
 
 @dataclass(frozen=True)
@@ -300,8 +326,10 @@ class EvalConfig:
             values = getattr(self, name)
             require(all(v in allowed for v in values) and len(set(values)) == len(values), name,
                     f"distinct names from {', '.join(allowed)}")
-        non_negative(self, "pgd_steps", "images", "ifgsm_steps", "cw_steps", "cw_kappa", "sanity_slack_pt",
-                     "sweep_steps")
+        require(bool(self.attacks), "attacks", "at least one attack (an evaluation of none scores nothing)")
+        require(bool(self.models), "models", "at least one model (an evaluation of none scores nothing)")
+        non_negative(self, "images", "cw_kappa", "sanity_slack_pt")
+        positive(self, "pgd_steps", "ifgsm_steps", "cw_steps", "sweep_steps")
         one_of(self, "mode", ("full", "cascade"))
         require(bool(self.noise_modes) and all(m in artifacts.NOISE_OF_MODE for m in self.noise_modes)
                 and len(set(self.noise_modes)) == len(self.noise_modes), "noise_modes",
@@ -333,7 +361,9 @@ class SurgeryConfig:
     tol: float = 1e-15
 
     def check(self) -> None:
-        positive(self, "tol")
+        # a channel is removed when its weights' norm is below tol: anything larger removes live channels
+        require(0 < self.tol <= 1e-3, "tol", "a tolerance in (0, 1e-3] (a channel whose weights' norm is below it "
+                "counts as removed)")
 
 
 # Opsets each exporter really writes (measured with torch 2.14): the dynamo exporter silently moves an opset
@@ -354,7 +384,8 @@ class ExportConfig:
     parity_draws: int = 200     # noisy passes per side for the statistical torch-vs-ORT check of noisy graphs
 
     def check(self) -> None:
-        positive(self, "parity_tol", "opset", "parity_draws")
+        positive(self, "parity_tol", "opset")
+        require(self.parity_draws >= 2, "parity_draws", ">= 2 (the statistical parity check needs a spread)")
         low, high = OPSETS[self.dynamo]
         require(low <= self.opset <= high, "opset", f"{low}..{high} with export.dynamo = {str(self.dynamo).lower()}",
                 ("dynamo",))
@@ -403,6 +434,10 @@ class DeviceConfig:
             check_target(self.target)
         except ValueError as e:
             return f"target: {e}"
+        if kind_of(self.target) == "aarch64-emu" and self.qemu_cpu not in QEMU_CPUS:
+            return f"qemu_cpu: expected one of {', '.join(QEMU_CPUS)}, got {self.qemu_cpu!r}"
+        if path_problem(self.root):
+            return f"root: expected a folder path ({path_problem(self.root)}), got {self.root!r}"
         for key in ("runs", "warmup", "images"):
             if getattr(self, key) < 0:
                 return f"{key}: expected >= 0 (0 = bench.{key}), got {getattr(self, key)}"
@@ -482,6 +517,13 @@ class RunConfig:
         """Rules of the top-level keys and between sections (each section checks its own values first)."""
         one_of(self, "device", ("auto", "cpu", "cuda"))
         non_negative(self, "threads")
+        _seed(self, "seed")
+        require(CIFAR10_TRAIN - self.data.val_size >= self.train.batch_size, "data.val_size",
+                f"at most {CIFAR10_TRAIN:,} - train.batch_size = {CIFAR10_TRAIN - self.train.batch_size:,} (the "
+                "images left train the model)", ("train.batch_size",))
+        if self.prune.method != "none":
+            require(self.train.lr_warmup_epochs <= self.prune.epochs, "train.lr_warmup_epochs",
+                    f"at most prune.epochs = {self.prune.epochs} (the prune stage warms up too)", ("prune.epochs",))
         if self.device == "cuda":
             import torch
 

@@ -19,6 +19,7 @@ import numpy as np
 from export import device_bench
 from ..catalog.devices import DEVICE_KINDS, device_name, kind_of
 from ..core.errors import UserError
+from ..core.files import naming
 
 # The script every device runs (copied into each job). Imported, not only copied, so that the code fingerprint of
 # every stage that benches on a device covers it.
@@ -49,16 +50,20 @@ def write_job(job_dir: Path, models: dict[str, Path], inputs: np.ndarray | None,
         try:
             os.link(src, dst)
         except OSError:
-            shutil.copyfile(src, dst)
+            with naming(dst):
+                shutil.copyfile(src, dst)
         names[name] = dst.name
     if inputs is not None:
-        np.save(job_dir / "inputs.npy", np.ascontiguousarray(inputs, dtype=np.float32))
-    shutil.copyfile(SCRIPT, job_dir / "device_bench.py")
+        with naming(job_dir / "inputs.npy"):
+            np.save(job_dir / "inputs.npy", np.ascontiguousarray(inputs, dtype=np.float32))
+    with naming(job_dir / "device_bench.py"):
+        shutil.copyfile(SCRIPT, job_dir / "device_bench.py")
     job = {"models": names, "inputs": "inputs.npy" if inputs is not None else None, "predict_batch": predict_batch,
            "settings": settings, "levels": levels, "warmup": warmup, "runs": runs, "seed": seed,
            "interleave": interleave, "seconds": seconds,
            **({"shapes": {k: list(v) for k, v in shapes.items()}} if shapes else {})}
-    (job_dir / "job.json").write_text(json.dumps(job, indent=1))
+    with naming(job_dir / "job.json"):
+        (job_dir / "job.json").write_text(json.dumps(job, indent=1))
     return job_dir / "job.json"
 
 

@@ -80,6 +80,13 @@ def closure(*modules: str) -> dict[str, str]:
     return seen
 
 
+def code_digests(*modules: str) -> dict[str, str]:
+    """Module name -> short sha256 of its source, over the modules' closures: what a manifest entry records so
+    that a rerun can say which module changed."""
+    return {name: hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+            for name, path in sorted(closure(*modules).items())}
+
+
 @functools.lru_cache(maxsize=None)
 def code_fingerprint(*modules: str) -> str:
     """sha256 over the project's version and the sources of the modules' closures; cached per process."""

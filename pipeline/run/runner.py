@@ -12,7 +12,7 @@ from pathlib import Path
 from ..config import RunConfig, to_dict
 from ..core.errors import ManifestError, UserError
 from ..core.files import atomic_write_text, sha256_file, sha256_json, write_json
-from .fingerprint import code_fingerprint
+from .fingerprint import code_digests, code_fingerprint
 from .manifest import MANIFEST, load_manifest, now, outputs_valid, package_versions, git_commit
 from .stage import Stage, StageContext
 
@@ -74,10 +74,12 @@ def stale_stages(cfg: RunConfig, run_dir: Path, stages: list[Stage], *, reuse_st
     stale = []
     for stage in stages:
         entry = manifest.get("stages", {}).get(stage.name, {})
+        if set(stale).intersection(stage.inputs) or entry.get("status") != "done" or entry.get("incomplete"):
+            stale.append(stage.name)   # (its key cannot even be computed while an input is unfinished)
+            continue
         current = entry.get("key") == stage_key(stage, cfg, manifest) or (
             reuse_stale and _config_key(entry) == stage_key(stage, cfg, manifest, code=False))
-        if set(stale).intersection(stage.inputs) or entry.get("status") != "done" or not current \
-                or entry.get("incomplete") or not outputs_valid(run_dir, entry):
+        if not current or not outputs_valid(run_dir, entry):
             stale.append(stage.name)
     return stale
 
@@ -111,16 +113,96 @@ def follow_pipeline(cfg: RunConfig, stages: list[Stage], *, log=print) -> None:
             stage.run(ctx)
 
 
+class ForeignFolder(UserError, RuntimeError):
+    """The run folder (or a stage folder in it) holds files the pipeline did not write."""
+
+
+# What the pipeline itself leaves in a run folder before its manifest exists: the lock, and a first stage's
+# temporary folder and mid-stage checkpoint (a run killed during its first stage).
+_OWN_HIDDEN = (LOCK,)
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """The pipeline writes only into a folder it created, an empty one, or one that holds its manifest: any other
+    folder may be the user's, and its files must never be replaced."""
+    if not run_dir.is_dir() or (run_dir / MANIFEST).exists():
+        return
+    foreign = sorted(p.name for p in run_dir.iterdir()
+                     if p.name not in _OWN_HIDDEN and not (p.name.startswith(".") and p.name.endswith((".tmp", ".resume"))))
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise ForeignFolder(f"{run_dir}: not empty and not a pipeline run folder (no {MANIFEST}; holds {shown}); "
+                            "the pipeline writes only into a new or empty folder or one of its own runs: choose "
+                            "another --out")
+
+
+def _check_stage_folders(run_dir: Path, manifest: dict, stages: list[Stage]) -> None:
+    """A stage folder is replaced only when the manifest says the pipeline wrote it (a finished entry)."""
+    for stage in stages:
+        folder = run_dir / stage.name
+        if folder.exists() and manifest.get("stages", {}).get(stage.name, {}).get("status") != "done":
+            raise ForeignFolder(f"{folder}: exists but {run_dir / MANIFEST} records no finished '{stage.name}' "
+                                "stage there, so the pipeline did not write it (or its record is gone); move it "
+                                "aside, then rerun")
+
+
 def run_pipeline(cfg: RunConfig, run_dir: Path, stages: list[Stage], *, log=print, after_stage=None,
                  reuse_stale: bool = False, donors: tuple[Path, ...] = ()) -> dict:
     """Run or skip each stage in order. A stage is skipped when its key and output hashes match its entry;
     with ``reuse_stale`` also when only its code fingerprint differs (recorded in the entry as ``stale_code``).
     A stage that would run is first looked up in the ``donors`` (other run folders, e.g. earlier points of a
-    sweep): one that finished there with the same key is linked in instead of recomputed (``shared_from``)."""
+    sweep): one that finished there with the same key is linked in instead of recomputed (``shared_from``).
+    Refused before anything is written: a folder that is not the pipeline's (``check_run_dir``)."""
+    check_run_dir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     with run_dir_lock(run_dir):
+        check_run_dir(run_dir)
         return _run_locked(cfg, run_dir, stages, log=log, after_stage=after_stage, reuse_stale=reuse_stale,
                            donors=donors)
+
+
+def rerun_reason(stage: Stage, cfg: RunConfig, run_dir: Path, entry: dict, reran: set[str]) -> str | None:
+    """Why a finished stage is recomputed, in a few words (None when it has never finished)."""
+    if entry.get("status") != "done":
+        failure = entry.get("last_failure", {}).get("error")
+        return f"the last attempt failed ({failure.splitlines()[0][:120]})" if failure else None
+    inputs = sorted(reran.intersection(stage.inputs))
+    if inputs:
+        return f"its input stage {', '.join(inputs)} was recomputed with other results"
+    for out in entry.get("outputs", {}).values():
+        path = run_dir / out["path"]
+        if not path.is_file():
+            return f"its output {path} is missing"
+        if sha256_file(path) != out["sha256"]:
+            return f"its output {path} changed or is damaged (sha256 differs from the manifest)"
+    now_config = json.loads(json.dumps({s: to_dict(cfg)[s] for s in stage.sections}, default=str))   # as recorded
+    before = entry.get("config")
+    if isinstance(before, dict) and before != now_config:
+        changed = [k for k in _flat(now_config).keys() | _flat(before).keys()
+                   if _flat(now_config).get(k, "<unset>") != _flat(before).get(k, "<unset>")]
+        changed = sorted(changed, key=lambda k: (k.count("."), k))
+        shown = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+        return f"its settings changed: {shown}"
+    if entry.get("code") != stage_code(stage):
+        before_modules = entry.get("code_modules")
+        if not isinstance(before_modules, dict):
+            return "its code changed (the modules were not recorded by the version that ran it)"
+        now_modules = code_digests(*stage.code_modules)
+        changed = sorted(m for m in now_modules.keys() | before_modules.keys()
+                         if now_modules.get(m) != before_modules.get(m))
+        shown = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+        return f"its code changed: {shown} (--reuse-stale keeps the old result)"
+    return "its inputs changed"
+
+
+def _flat(d, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = json.dumps(v, default=str, sort_keys=True)
+    return out
 
 
 def _link_or_copy(src: str, dst: str) -> None:
@@ -159,10 +241,10 @@ def _adopt(stage: Stage, key: str, run_dir: Path, manifest: dict, donors: tuple[
         tmp = run_dir / f".{stage.name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(Path(donor) / stage.name, tmp, copy_function=_link_or_copy)
-        _swap_in(run_dir, stage.name)
         manifest["stages"][stage.name] = {**{k: v for k, v in entry.items() if k not in ("last_failure", "stale_code")},
                                           "shared_from": str(Path(donor).resolve()), "shared_at": now()}
-        write_json(run_dir / MANIFEST, manifest)
+        write_json(run_dir / MANIFEST, manifest)   # recorded before swapped in, as in _run_locked
+        _swap_in(run_dir, stage.name)
         return Path(donor)
     return None
 
@@ -193,9 +275,11 @@ def _resume_dir(run_dir: Path, stage: str, key: str) -> Path:
 def _run_locked(cfg: RunConfig, run_dir: Path, stages: list[Stage], *, log, after_stage, reuse_stale: bool,
                 donors: tuple[Path, ...] = ()) -> dict:
     manifest = load_manifest(run_dir)
+    _check_stage_folders(run_dir, manifest, stages)
     manifest.setdefault("stages", {})
     manifest.update({"config": to_dict(cfg), "versions": package_versions(), "git_commit": git_commit(),
                      "command": sys.argv, "updated": now()})
+    write_json(run_dir / MANIFEST, manifest)   # from now on the folder is recognisably a run folder
     reran: set[str] = set()
     for stage in stages:
         key = stage_key(stage, cfg, manifest)
@@ -219,19 +303,21 @@ def _run_locked(cfg: RunConfig, run_dir: Path, stages: list[Stage], *, log, afte
         if donor is not None:
             log(f"[{stage.name}] shared: finished with the same key in {donor}")
             continue
+        reason = None if entry.get("incomplete") else rerun_reason(stage, cfg, run_dir, entry, reran)
         log(f"[{stage.name}] running")
-        final_dir = run_dir / stage.name
+        if reason:
+            log(f"[{stage.name}] recomputed because {reason}")
         tmp_dir = run_dir / f".{stage.name}.tmp"
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        tmp_dir.mkdir(parents=True)
-        ctx = StageContext(cfg=cfg, run_dir=run_dir, out_dir=tmp_dir,
-                           inputs={n: {k: run_dir / v["path"] for k, v in manifest["stages"][n]["outputs"].items()}
-                                   for n in stage.inputs},
-                           metrics_of={n: manifest["stages"][n].get("metrics", {}) for n in stage.inputs},
-                           log=lambda msg, _n=stage.name: log(f"[{_n}] {msg}"),
-                           resume_dir=_resume_dir(run_dir, stage.name, key))
         started, t0 = now(), time.perf_counter()
-        try:
+        try:   # from the temporary folder's creation on: an interruption (Ctrl-C, SIGTERM) leaves none behind
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+            tmp_dir.mkdir(parents=True)
+            ctx = StageContext(cfg=cfg, run_dir=run_dir, out_dir=tmp_dir,
+                               inputs={n: {k: run_dir / v["path"] for k, v in manifest["stages"][n]["outputs"].items()}
+                                       for n in stage.inputs},
+                               metrics_of={n: manifest["stages"][n].get("metrics", {}) for n in stage.inputs},
+                               log=lambda msg, _n=stage.name: log(f"[{_n}] {msg}"),
+                               resume_dir=_resume_dir(run_dir, stage.name, key))
             _release_followers(stage.name, ctx)
             result = stage.run(ctx)
         except BaseException as e:
@@ -243,21 +329,24 @@ def _run_locked(cfg: RunConfig, run_dir: Path, stages: list[Stage], *, log, afte
             manifest["stages"][stage.name] = {**good, "last_failure": failure}
             write_json(run_dir / MANIFEST, manifest)
             raise
-        shutil.rmtree(ctx.resume_dir, ignore_errors=True)   # finished: the mid-stage checkpoint is spent
-        _swap_in(run_dir, stage.name)
+        # Recorded first, then swapped in: an interruption in between leaves an entry whose files do not match
+        # (the stage reruns, saying why), never a stage folder the manifest does not own.
         outputs = {}
         for name, path in result.outputs.items():
             rel = Path(path).relative_to(tmp_dir)
-            outputs[name] = {"path": str(Path(stage.name) / rel), "sha256": sha256_file(final_dir / rel)}
+            outputs[name] = {"path": str(Path(stage.name) / rel), "sha256": sha256_file(tmp_dir / rel)}
         if not _same_result(entry, outputs, result.metrics):
             reran.add(stage.name)
         manifest["stages"][stage.name] = {
             "status": "done", "key": key, "config_key": stage_key(stage, cfg, manifest, code=False),
-            "code": stage_code(stage), "config": {s: to_dict(cfg)[s] for s in stage.sections},
+            "code": stage_code(stage), "code_modules": code_digests(*stage.code_modules),
+            "config": {s: to_dict(cfg)[s] for s in stage.sections},
             "inputs": list(stage.inputs), "outputs": outputs, "metrics": result.metrics,
             "started": started, "finished": now(), "seconds": round(time.perf_counter() - t0, 3),
             **({"incomplete": result.incomplete} if result.incomplete else {})}
         write_json(run_dir / MANIFEST, manifest)
+        _swap_in(run_dir, stage.name)
+        shutil.rmtree(ctx.resume_dir, ignore_errors=True)   # finished: the mid-stage checkpoint is spent
         log(f"[{stage.name}] done in {time.perf_counter() - t0:.1f}s")
         if after_stage is not None:
             after_stage(stage.name, manifest)

@@ -10,6 +10,7 @@ import shutil
 import torch
 
 from ..core import seeds
+from ..core.files import naming
 from ..run.checkpoints import load_model, save_model
 from ..run.stage import Stage, StageContext, StageResult
 from ..train import distributed, resume
@@ -29,7 +30,8 @@ def run(ctx: StageContext) -> StageResult:
         outputs = {}
         for key in ("model_weights", "model_arch"):
             outputs[key] = ctx.out_dir / source[key].name
-            shutil.copyfile(source[key], outputs[key])
+            with naming(outputs[key]):
+                shutil.copyfile(source[key], outputs[key])
         ctx.log("finetune.epochs = 0: the surgery stage's model passes through")
         return StageResult(outputs, {"epochs": 0, **figures})
     generator = seed_everything(cfg.seed + seeds.FINETUNE)

@@ -6,12 +6,12 @@ output widths, the head (pipeline/algorithms/latency.py) -- is exported alone an
 device of ``prune.budget_device``, at batch 1, one thread and level ``all`` (the bench's headline setting),
 all interleaved in one process; the whole dense graph too, so that the table's prediction can be offset to it.
 Timings are cached per device, onnxruntime version, CPU and setting (``$PIPELINE_CACHE_DIR`` or
-``~/.cache/pipeline``, ``latency/``): a second run, or another target, measures only what is new."""
+``~/.cache/pipeline``, ``latency/``): a second run, or another target, measures only what is new. Without
+either (no home folder) every run measures and nothing is cached."""
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
 import shutil
 import tempfile
@@ -25,6 +25,7 @@ from ..algorithms.groups import coupled_families
 from ..algorithms.latency import network_units, signatures, unit_cost, unit_module
 from ..catalog.devices import DEVICE_KINDS, device_name, kind_of
 from ..core.files import write_json
+from ..core.paths import HomeMissing, home_cache
 from ..devices.hardware import resolve_align
 from ..run.stage import Stage, StageContext, StageResult
 from ..train.setup import model_kwargs
@@ -36,8 +37,8 @@ FULL = "full"          # the table key of the whole dense graph
 
 
 def cache_dir() -> Path:
-    env = os.environ.get("PIPELINE_CACHE_DIR", "").strip()
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "pipeline"
+    """$PIPELINE_CACHE_DIR, else ~/.cache/pipeline; HomeMissing when that is needed and there is no home folder."""
+    return home_cache("PIPELINE_CACHE_DIR", what="timing cache", hint="a folder for it")
 
 
 def device_identity(dev) -> dict:
@@ -94,16 +95,22 @@ def latency_table(cfg, log=print) -> dict:
     units = network_units(model, families)
     full_key = f"{FULL}:{cfg.model.arch}:{cfg.model.ensemble}:{cfg.model.normalize}"
     wanted = [*signatures(units, options), full_key]
+    try:   # before device_identity imports onnxruntime, which may make a home folder of its own
+        cache_root = cache_dir()
+    except HomeMissing as e:     # measure everything, keep nothing: never create a /nonexistent/... tree
+        cache_root = None
+        log(f"no cache: {e}")
     identity = device_identity(dev)
-    cache_file = cache_dir() / "latency" / (hashlib.sha256(json.dumps(identity, sort_keys=True).encode())
-                                            .hexdigest()[:16] + ".json")
+    cache_file = None if cache_root is None else cache_root / "latency" / (
+        hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16] + ".json")
     try:
-        cached = json.loads(cache_file.read_text())["units"]
+        cached = json.loads(cache_file.read_text())["units"] if cache_file is not None else {}
     except (OSError, ValueError, KeyError):
         cached = {}
     missing = [s for s in wanted if s not in cached]
+    cached_in = f"{len(wanted) - len(missing)} cached in {cache_file}, " if cache_file is not None else ""
     log(f"{len(wanted)} units for {device_name(dev)} ({LEVEL}, batch {BATCH}, {THREADS} thread): "
-        f"{len(wanted) - len(missing)} cached in {cache_file}, {len(missing)} to measure")
+        f"{cached_in}{len(missing)} to measure")
     if missing:
         tmp = Path(tempfile.mkdtemp(prefix="pipeline-latency-"))
         try:
@@ -127,15 +134,17 @@ def latency_table(cfg, log=print) -> dict:
                 cached[missing[int(row["model"][1:])]] = row["p50_ms"]
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        write_json(cache_file, {"identity": identity, "units": cached})
+        if cache_file is not None:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            write_json(cache_file, {"identity": identity, "units": cached})
     table = {s: cached[s] for s in wanted}
     dense_units = sum(unit_cost(table, u, *u.fixed) for u in units)
     offset = table[full_key] - dense_units
     log(f"dense graph {table[full_key]:.3f} ms = units {dense_units:.3f} ms + offset {offset:.3f} ms")
     return {"used": True, "device": device_name(dev), "identity": identity, "level": LEVEL,
             "batch": BATCH, "threads": THREADS, "units": {s: table[s] for s in wanted if s != full_key},
-            "full_ms": table[full_key], "offset_ms": offset, "cache": str(cache_file)}
+            "full_ms": table[full_key], "offset_ms": offset,
+            "cache": str(cache_file) if cache_file is not None else None}
 
 
 STAGE = Stage("latency", sections=("seed", "model", "prune", "bench"), inputs=(), run=run, tables=(DEVICE_KINDS,))

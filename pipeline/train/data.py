@@ -1,13 +1,13 @@
 """CIFAR-10 as uint8 tensors: loaded once, split once, augmented in batches on the training device."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..core.errors import UserError
+from ..core.paths import home_cache
 
 DATA_ROOT_ENV = "PIPELINE_DATA_ROOT"
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -33,11 +33,11 @@ class Split:
 
 
 def resolve_root(root: str) -> Path:
+    """data.root, else $PIPELINE_DATA_ROOT, else ~/.cache/pipeline/data (HomeMissing without a home folder)."""
     if root:
         return Path(root).expanduser()
-    if os.environ.get(DATA_ROOT_ENV):
-        return Path(os.environ[DATA_ROOT_ENV]).expanduser()
-    return Path("~/.cache/pipeline/data").expanduser()
+    return home_cache(DATA_ROOT_ENV, "data", what="CIFAR-10 folder",
+                      hint="a folder holding cifar-10-batches-py (or set data.root)")
 
 
 def load_cifar10(root: str = "", download: bool = True) -> tuple[Split, Split]:

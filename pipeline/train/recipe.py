@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from ..algorithms.attacks import make_attack
+from ..core.files import atomic_write_text
 from . import resume
 from . import distributed
 from .loop import evaluate, set_lr, snapshot, step_lr, train_epoch
@@ -121,5 +122,5 @@ def fit(ctx, model, trained, *, name: str, schedule: Schedule, seed: int, genera
                                          "sparsifier": sparsifier.state_dict() if sparsifier is not None else None,
                                          "best": best, "best_state": best_state, "log_lines": log_lines,
                                          "rng": resume.rng_state(generator)})
-    (ctx.out_dir / "epochs.jsonl").write_text("\n".join(log_lines) + "\n")
+    atomic_write_text(ctx.out_dir / "epochs.jsonl", "\n".join(log_lines) + "\n")
     return Fitted(log_lines, best, best_state)

@@ -9,7 +9,7 @@ import random
 import torch
 
 from ..core import seeds
-from .data import Split, load_cifar10, to_float, train_val_split
+from .data import Split, load_cifar10, resolve_root, to_float, train_val_split
 
 
 @functools.lru_cache(maxsize=2)
@@ -20,7 +20,8 @@ def _cifar(root: str, download: bool):
 def data_splits(cfg) -> tuple[Split, Split, Split]:
     """(train, val, test) exactly as the config defines them; val is held out of the training set."""
     d = cfg.data
-    train_full, test = _cifar(d.root, d.download)
+    # keyed by the folder the root resolves to now ($PIPELINE_DATA_ROOT, the home folder), not by the setting
+    train_full, test = _cifar(str(resolve_root(d.root)), d.download)
     train, val = train_val_split(train_full, d.val_size, d.split_seed)
     train = train.subset(d.train_subset, d.split_seed + seeds.TRAIN_SUBSET)
     test = test.subset(d.test_subset, d.split_seed + seeds.TEST_SUBSET)

@@ -11,6 +11,7 @@ import subprocess
 from pathlib import Path
 
 from ...catalog.devices import device_name
+from ...core.paths import HomeMissing, home_cache
 from .. import DeviceError
 
 QEMU = "qemu-aarch64-static"
@@ -24,14 +25,20 @@ CPUS = {"cortex-a72": "0xd08", "cortex-a76": "0xd0b", "neoverse-n1": "0xd0c", "m
 
 
 def default_root() -> Path:
-    env = os.environ.get("PIPELINE_ARM_ROOT", "").strip()
-    return (Path(env).expanduser() if env else Path.home() / ".cache" / "pipeline" / "aarch64-root").absolute()
+    """$PIPELINE_ARM_ROOT, else ~/.cache/pipeline/aarch64-root (HomeMissing without a home folder)."""
+    return home_cache("PIPELINE_ARM_ROOT", "aarch64-root", what="arm64 root",
+                      hint="its folder (or pass --root, or set root in [[bench.devices]])").absolute()
 
 
 def root_of(dev) -> Path:
     """The device's arm64 root: ``dev.root`` if set, else :func:`default_root`."""
     # absolute: the guest runs with the job folder as its working directory
-    return Path(dev.root).expanduser().absolute() if getattr(dev, "root", "") else default_root()
+    if getattr(dev, "root", ""):
+        return Path(dev.root).expanduser().absolute()
+    try:
+        return default_root()
+    except HomeMissing as e:   # as a missing root: this device's rows fail, the run goes on
+        raise DeviceError(f"device {device_name(dev)}: {e}") from None
 
 
 def check_cpu(qemu_cpu: str) -> str:
@@ -56,8 +63,12 @@ def read_stamp(root: Path) -> dict | None:
 
 
 def missing_root_error(dev, root: Path) -> DeviceError:
+    try:
+        default = root == default_root()
+    except HomeMissing:
+        default = False
     return DeviceError(f"device {device_name(dev)}: no arm64 root at {root}; run "
-                       f"`pipeline device setup aarch64-emu{'' if root == default_root() else f' --root {root}'}`")
+                       f"`pipeline device setup aarch64-emu{'' if default else f' --root {root}'}`")
 
 
 # ------------------------------------------------------------------------------------------- command construction

@@ -1,11 +1,13 @@
 """``pipeline device setup aarch64-emu``: build the arm64 root once -- debootstrap stage 1 only (host native, no
 emulated stage 2), every downloaded .deb unpacked with ``dpkg-deb -x``, and the PyPI aarch64 wheels of onnxruntime
-(the host's version) and numpy installed from the host with ``pip install --target ROOT/opt/ortsite``. Built in a
-temp folder and renamed; a stamp written last marks a finished root, which the next setup reuses."""
+(the host's version) and numpy installed from the host with ``pip install --target ROOT/opt/ortsite`` (this
+interpreter's pip, else ``uv pip``, else a pip on PATH: :func:`wheel_installer`). Built in a temp folder and renamed;
+a stamp written last marks a finished root, which the next setup reuses."""
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import importlib.util
 import json
 import os
 import shutil
@@ -20,6 +22,8 @@ from . import cpuinfo, guest
 
 APT_PACKAGES = {guest.QEMU: "qemu-user-static", "debootstrap": "debootstrap"}
 BINFMT_DIR = Path("/proc/sys/fs/binfmt_misc")
+PIP_PLATFORM = "manylinux_2_28_aarch64"      # pip --platform
+UV_PLATFORM = "aarch64-manylinux_2_28"       # uv pip --python-platform: the same wheel tags
 
 _PROBE_PY = r"""
 import json, platform, sys
@@ -142,14 +146,57 @@ def _build_root(tmp: Path, versions: dict[str, str], log, log_file: Path) -> Non
     pyver = pythons[-1][len("python"):]
     log(f"  dpkg-deb -x: {time.perf_counter() - t:.1f}s (python {pyver})")
     t = time.perf_counter()
-    abi = "cp" + pyver.replace(".", "")
-    _step([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-cache-dir",
-           "--target", str(tmp / guest.SITE.lstrip("/")), "--platform", "manylinux_2_28_aarch64", "--python-version", pyver,
-           "--implementation", "cp", "--abi", abi, "--only-binary=:all:",
-           f"onnxruntime=={versions['onnxruntime']}", f"numpy=={versions['numpy']}"],
-          f"pip install of the aarch64 wheels onnxruntime=={versions['onnxruntime']} numpy=={versions['numpy']}",
+    installer = wheel_installer(sys.executable)
+    tool = "uv pip" if _is_uv(installer) else "pip"
+    _step(wheel_install_argv(installer, tmp / guest.SITE.lstrip("/"), pyver, versions, python=sys.executable),
+          f"{tool} install of the aarch64 wheels onnxruntime=={versions['onnxruntime']} numpy=={versions['numpy']}",
           log_file)
-    log(f"  pip --target (aarch64 wheels): {time.perf_counter() - t:.1f}s")
+    log(f"  {tool} --target (aarch64 wheels): {time.perf_counter() - t:.1f}s")
+
+
+def _pip_importable() -> bool:
+    return importlib.util.find_spec("pip") is not None
+
+
+def wheel_installer(python: str, *, which=None, has_pip=None) -> list[str]:
+    """The command prefix that fetches the aarch64 wheels, from what this host has: ``python -m pip`` when pip is
+    importable in ``python`` (this interpreter), else ``uv pip`` (uv on PATH), else a ``pip3``/``pip`` on PATH (any
+    pip downloads foreign-platform wheels with --platform/--python-version/--only-binary/--target, whichever Python
+    it belongs to). None of them: a one-line DeviceError saying how to get pip (a uv-made venv has none).
+    ``which`` (shutil.which) and ``has_pip`` (is pip importable here) are looked up at call time unless given."""
+    which = which or shutil.which
+    if (has_pip or _pip_importable)():
+        return [python, "-m", "pip"]
+    uv = which("uv")
+    if uv:
+        return [uv, "pip"]
+    for name in ("pip3", "pip"):
+        pip = which(name)
+        if pip:
+            return [pip]
+    raise DeviceError(f"device aarch64-emu: no pip found to fetch the aarch64 wheels: {python} has no pip module "
+                      f"(a uv-made venv has none) and there is no uv, pip3 or pip on PATH; get pip with "
+                      f"`{python} -m ensurepip` (or `uv pip install --python {python} pip`) and rerun "
+                      "`pipeline device setup aarch64-emu`")
+
+
+def _is_uv(installer: list[str]) -> bool:
+    return installer[1:] == ["pip"]          # [uv, "pip"]; pip is [python, "-m", "pip"] or [pip]
+
+
+def wheel_install_argv(installer: list[str], target: Path, pyver: str, versions: dict[str, str], *,
+                       python: str) -> list[str]:
+    """The full command installing the pinned aarch64 onnxruntime and numpy wheels for CPython ``pyver`` (the
+    root's "3.11") into ``target``, for the prefix :func:`wheel_installer` chose. uv has no --implementation/--abi:
+    it takes them from ``--python`` (CPython, as pip's ``cp``/``cpXY``) and ``--python-version``."""
+    pins = [f"onnxruntime=={versions['onnxruntime']}", f"numpy=={versions['numpy']}"]
+    if _is_uv(installer):
+        return [*installer, "install", "--quiet", "--no-cache", "--python", python, "--target", str(target),
+                "--python-platform", UV_PLATFORM, "--python-version", pyver, "--only-binary", ":all:", *pins]
+    abi = "cp" + pyver.replace(".", "")
+    return [*installer, "install", "--quiet", "--disable-pip-version-check", "--no-cache-dir",
+            "--target", str(target), "--platform", PIP_PLATFORM, "--python-version", pyver,
+            "--implementation", "cp", "--abi", abi, "--only-binary=:all:", *pins]
 
 
 def _probe_root(root: Path, qemu: str = guest.QEMU) -> dict:
@@ -192,6 +239,7 @@ def setup(root: Path, *, log=print, ort_version: str | None = None) -> dict:
             log(f"removing the leftover {stale}")
             _remove_tree(stale)
         _ensure_tools(log)
+        wheel_installer(sys.executable)     # no pip, uv or pip on PATH: say so now, not after debootstrap
         if os.geteuid() != 0:
             raise DeviceError("device aarch64-emu: building the arm64 root needs root (debootstrap); run "
                               f"`sudo {Path(sys.argv[0]).name} device setup aarch64-emu --root {root}`")
