@@ -88,3 +88,11 @@ def test_the_file_values_survive_a_table_override():
     assert cfg.train.epochs == 1
     assert cfg.train.batch_size == base.train.batch_size and cfg.train.attack == base.train.attack
     assert toml_value(cfg.train.lr_milestones) == toml_value(base.train.lr_milestones)
+
+
+def test_grid_values_may_be_lists_and_tables():
+    from pipeline.cli.sweep import parse_grid
+
+    assert parse_grid(["bench.threads=[1,2],[1]"]) == [("bench.threads", [[1, 2], [1]])]
+    assert parse_grid(['model.widths={a = [1, 2]},{}']) == [("model.widths", [{"a": [1, 2]}, {}])]
+    assert parse_grid(['name="a,b",c']) == [("name", ["a,b", "c"])]
