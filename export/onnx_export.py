@@ -158,7 +158,7 @@ def stochastic_parity(model, session, inputs: torch.Tensor, draws: int, seed: in
 def export_onnx(model: torch.nn.Module, path, *, opset: int = 18, dynamo: bool = True, simplify: bool = True,
                 metadata: dict[str, str] | None = None, parity_inputs: torch.Tensor | None = None,
                 parity_tol: float = 1e-4, noise: str = "off", parity_draws: int = 200,
-                parity_max_z: float = 6.0) -> ExportReport:
+                parity_max_z: float = 6.0, image_shape: tuple[int, int, int] = IMAGE_SHAPE) -> ExportReport:
     """``noise != "off"``: the graph must hold one seedless random node per noise site, its logits' per-image
     mean must agree with torch's within ``parity_max_z`` standard errors and their spread within a factor 1.5."""
     import onnx
@@ -167,9 +167,9 @@ def export_onnx(model: torch.nn.Module, path, *, opset: int = 18, dynamo: bool =
     path = os.path.abspath(os.fspath(path))
     device = next(model.parameters()).device
     # Batch 2, not 1: torch.export specialises size-1 dims, which would defeat the dynamic batch.
-    example = torch.rand((2, *IMAGE_SHAPE), generator=torch.Generator().manual_seed(1234)).to(device)
+    example = torch.rand((2, *image_shape), generator=torch.Generator().manual_seed(1234)).to(device)
     if parity_inputs is None:
-        parity_inputs = torch.rand((8, *IMAGE_SHAPE), generator=torch.Generator().manual_seed(0))
+        parity_inputs = torch.rand((8, *image_shape), generator=torch.Generator().manual_seed(0))
     parity_inputs = parity_inputs.detach().float().cpu()
 
     # Same directory, so os.replace is a rename on one filesystem (atomic), never a copy.

@@ -9,11 +9,13 @@ the member-list form, so surgery, export and every reader of a saved model are u
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .preact_resnet import Ensemble, Normalize, PreActResNet, ResidualNoise
+from .preact_resnet import Ensemble, PreActResNet, ResidualNoise
 
 
 class GroupedResidualNoise(ResidualNoise):
@@ -55,8 +57,8 @@ class GroupedEnsemble(nn.Module):
     def __init__(self, template: PreActResNet, n: int, noise_coef: float):
         super().__init__()
         self.n = n
-        self.normalize = Normalize() if isinstance(template.normalize, Normalize) else nn.Identity()
-        self.conv1 = nn.Conv2d(3, n * template.conv1.out_channels, 3, 1, 1, bias=False)
+        self.normalize = copy.deepcopy(template.normalize)   # CIFAR's or a generic mean/std, or nn.Identity
+        self.conv1 = nn.Conv2d(template.conv1.in_channels, n * template.conv1.out_channels, 3, 1, 1, bias=False)
         for name in ("layer1", "layer2", "layer3"):
             blocks = [GroupedBlock(n, b.conv1.in_channels, b.conv1.out_channels, b.conv1.stride[0],
                                    b.shortcut is not None, noise_coef) for b in getattr(template, name)]
@@ -86,6 +88,10 @@ def _shared(key: str) -> bool:
 def to_grouped(model: Ensemble) -> GroupedEnsemble:
     """The grouped network computing ``model``'s function (members must share one architecture, e.g. dense)."""
     members = list(model.members)
+    if not all(isinstance(m, PreActResNet) for m in members):
+        kinds = sorted({type(m).__name__ for m in members})
+        raise ValueError(f"the grouped ensemble is built for pre-activation ResNet members, got {', '.join(kinds)} "
+                         '(use model.ensemble_impl = "members")')
     shapes = {tuple((k, tuple(v.shape)) for k, v in m.state_dict().items()) for m in members}
     if len(shapes) != 1:
         raise ValueError("to_grouped needs members of one architecture (a pruned ensemble has per-member widths)")

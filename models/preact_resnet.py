@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .ensemble import Ensemble
 from .registry import register_model
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -23,6 +24,16 @@ class Normalize(nn.Module):
 
     def forward(self, x):
         return (x - self.mean) / self.std
+
+
+def make_normalize(normalize: bool, in_channels: int = 3) -> nn.Module:
+    """The model's input normalisation: CIFAR-10's mean/std for 3-channel images, 0.5/0.25 per channel for any other
+    channel count (a grey or multispectral input has no CIFAR statistics); ``nn.Identity`` when off."""
+    if not normalize:
+        return nn.Identity()
+    if in_channels == 3:
+        return Normalize()
+    return Normalize((0.5,) * in_channels, (0.25,) * in_channels)
 
 
 class ResidualNoise(nn.Module):
@@ -90,10 +101,10 @@ class PreActBlock(nn.Module):
 
 class PreActResNet(nn.Module):
     def __init__(self, num_blocks, widths=(16, 32, 64), num_classes: int = 10, noise_coef: float = 0.1,
-                 normalize: bool = True):
+                 normalize: bool = True, in_channels: int = 3):
         super().__init__()
-        self.normalize = Normalize() if normalize else nn.Identity()
-        self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
+        self.normalize = make_normalize(normalize, in_channels)
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
         in_planes = widths[0]
         stages = []
         for i, (n, width) in enumerate(zip(num_blocks, widths)):
@@ -118,18 +129,14 @@ class PreActResNet(nn.Module):
         return self.linear(out)
 
 
-class Ensemble(nn.Module):
-    """En_n: the average of the members' logits."""
-
-    def __init__(self, members):
-        super().__init__()
-        self.members = nn.ModuleList(members)
-
-    def forward(self, x):
-        out = self.members[0](x)
-        for m in self.members[1:]:
-            out = out + m(x)
-        return out / len(self.members)
+def noiseless_ensemble(arch: str, build, ensemble: int, noise_coef: float) -> Ensemble:
+    """``Ensemble`` of ``ensemble`` members ``build()`` of an architecture without noise sites (``noise_coef`` must be
+    0: EnResNet's noise is defined after the residual sums of the pre-activation ResNets only)."""
+    if ensemble < 1:
+        raise ValueError(f"ensemble must be >= 1, got {ensemble}")
+    if noise_coef != 0:
+        raise ValueError(f"{arch} has no noise sites: noise_coef must be 0, got {noise_coef:g}")
+    return Ensemble([build() for _ in range(ensemble)])
 
 
 def set_noise(model: nn.Module, enabled: bool) -> None:
@@ -181,29 +188,35 @@ class noise_mode:
         return False
 
 
-def _build(num_blocks, widths, ensemble: int, noise_coef: float, num_classes: int, normalize: bool):
+def _build(num_blocks, widths, ensemble: int, noise_coef: float, num_classes: int, normalize: bool,
+           in_channels: int = 3):
     if ensemble < 1:
         raise ValueError(f"ensemble must be >= 1, got {ensemble}")
-    members = [PreActResNet(num_blocks, widths, num_classes, noise_coef, normalize) for _ in range(ensemble)]
+    members = [PreActResNet(num_blocks, widths, num_classes, noise_coef, normalize, in_channels)
+               for _ in range(ensemble)]
     return Ensemble(members)
 
 
-@register_model(params_per_member=272_282, depth=20, paper=True)
-def preact_resnet20(ensemble: int = 1, noise_coef: float = 0.1, num_classes: int = 10, normalize: bool = True):
-    return _build((3, 3, 3), (16, 32, 64), ensemble, noise_coef, num_classes, normalize)
+@register_model(params_per_member=272_282, depth=20, paper=True, family="preact_resnet", noise_sites=True)
+def preact_resnet20(ensemble: int = 1, noise_coef: float = 0.1, num_classes: int = 10, normalize: bool = True,
+                    in_channels: int = 3):
+    return _build((3, 3, 3), (16, 32, 64), ensemble, noise_coef, num_classes, normalize, in_channels)
 
 
-@register_model(depth=38, paper=True)
-def preact_resnet38(ensemble: int = 1, noise_coef: float = 0.1, num_classes: int = 10, normalize: bool = True):
-    return _build((6, 6, 6), (16, 32, 64), ensemble, noise_coef, num_classes, normalize)
+@register_model(depth=38, paper=True, family="preact_resnet", noise_sites=True)
+def preact_resnet38(ensemble: int = 1, noise_coef: float = 0.1, num_classes: int = 10, normalize: bool = True,
+                    in_channels: int = 3):
+    return _build((6, 6, 6), (16, 32, 64), ensemble, noise_coef, num_classes, normalize, in_channels)
 
 
-@register_model(depth=56, paper=True)
-def preact_resnet56(ensemble: int = 1, noise_coef: float = 0.1, num_classes: int = 10, normalize: bool = True):
-    return _build((9, 9, 9), (16, 32, 64), ensemble, noise_coef, num_classes, normalize)
+@register_model(depth=56, paper=True, family="preact_resnet", noise_sites=True)
+def preact_resnet56(ensemble: int = 1, noise_coef: float = 0.1, num_classes: int = 10, normalize: bool = True,
+                    in_channels: int = 3):
+    return _build((9, 9, 9), (16, 32, 64), ensemble, noise_coef, num_classes, normalize, in_channels)
 
 
-@register_model(depth=8, paper=False)
-def test_resnet(ensemble: int = 1, noise_coef: float = 0.1, num_classes: int = 10, normalize: bool = True):
+@register_model(depth=8, paper=False, family="preact_resnet", noise_sites=True)
+def test_resnet(ensemble: int = 1, noise_coef: float = 0.1, num_classes: int = 10, normalize: bool = True,
+                in_channels: int = 3):
     """Tiny (one block per stage, narrow) model with the same structure, for fast tests."""
-    return _build((1, 1, 1), (4, 8, 16), ensemble, noise_coef, num_classes, normalize)
+    return _build((1, 1, 1), (4, 8, 16), ensemble, noise_coef, num_classes, normalize, in_channels)

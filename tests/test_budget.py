@@ -181,3 +181,66 @@ def test_latency_table_structure_units_modules_and_problem(resnet):
     macs = cost_problem(network_layers(model, families, example), options, "macs")
     for choice in (problem.dense_choice(), [0] * len(options), [len(o) // 2 for o in options]):
         assert problem.cost(choice) == pytest.approx(macs.cost(choice), rel=1e-9)
+
+
+def test_budget_every_resolves_the_layout_every_n_pulls_and_at_each_projection():
+    """budget_every = 3: the (costly) layout solve runs at the first pull, every third pull after it and at every
+    projection; in between each family keeps its k largest groups of the current weights."""
+    import torch
+
+    from pipeline.algorithms.budget import Factor, Problem
+    from pipeline.algorithms.groups import input_channel_family
+    from pipeline.algorithms.rgsm import RGSM, Budget
+
+    weights = [torch.randn(4, 6, 3, 3), torch.randn(4, 8, 3, 3)]
+    families = [input_channel_family(f"w{i}", w) for i, w in enumerate(weights)]
+    options = [[2, 4, 6], [4, 8]]
+    problem = Problem(options, [Factor((0,), np.array([2.0, 4.0, 6.0])), Factor((1,), np.array([4.0, 8.0]))])
+    budget = Budget(problem, limit=8.0, reference=14.0)
+    calls = []
+    real = Budget.widths
+
+    class Counting(Budget):
+        def widths(self, sq, beta):
+            calls.append(1)
+            return real(self, sq, beta)
+
+    rgsm = RGSM(families, beta=1.0, lambda1=0.0, lambda2=0.0,
+                budget=Counting(budget.problem, budget.limit, budget.reference), budget_every=3)
+    for _ in range(7):
+        rgsm.pull(0.1)
+    assert len(calls) == 3            # pulls 1, 4 and 7
+    rgsm.project()
+    assert len(calls) == 4            # the projection solves afresh
+    kept = rgsm.kept_widths()
+    assert rgsm.budget.cost_of(list(kept.values())) <= 8.0
+    with pytest.raises(ValueError, match="budget_every"):
+        RGSM(families, beta=1.0, lambda1=0.0, lambda2=0.0, budget=budget, budget_every=0)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_bucketed_solver_meets_the_limit_and_its_guarantee(seed):
+    """The fallback for exploding frontiers: its layout meets the limit, and no layout costing ``n·delta`` less
+    than the limit has a lower loss (brute force)."""
+    rng = np.random.default_rng(seed)
+    problem, losses = random_problem(rng)
+    layouts = list(itertools.product(*(range(len(o)) for o in problem.options)))
+    costs = [problem.cost(list(c)) for c in layouts]
+    limit = float(rng.uniform(min(costs) * 0.9, max(costs) * 1.05))
+    buckets = int(rng.choice([8, 64, 1024]))
+    from pipeline.algorithms.budget import _solve_buckets
+
+    choice = _solve_buckets(problem, losses, limit, buckets)
+    cheapest = problem.constant + sum(float(f.table.min()) for f in problem.factors)
+    if cheapest > limit:
+        assert choice is None
+        return
+    assert choice is not None and problem.cost(choice) <= limit * (1 + 1e-9)
+    delta = (limit - cheapest) / buckets
+    loss = sum(losses[f][i] for f, i in enumerate(choice))
+    safe = [sum(losses[f][i] for f, i in enumerate(c)) for c, cost in zip(layouts, costs)
+            if cost <= limit - len(problem.options) * delta]
+    assert all(loss <= s + 1e-9 for s in safe)
+    # solve() itself is exact when the frontier fits, and falls back when told the frontier may hold 1 point
+    forced = solve(problem, losses, limit, max_points=1, buckets=buckets)
+    assert forced is not None and problem.cost(forced) <= limit * (1 + 1e-9)

@@ -7,6 +7,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from pipeline import cli
@@ -234,6 +235,72 @@ def home_missing_arm_root(tmp, prev, mp):
     return ["device", "check", "aarch64-emu"]
 
 
+def image_tree(tmp, classes=("cat", "dog", "emu"), odd=None):
+    """tmp/imgs/{train,test}/<class>/<i>.png, 8x8; ``odd``: one extra image (path below imgs, size)."""
+    from PIL import Image
+
+    root = tmp / "imgs"
+    for split in ("train", "test"):
+        for name in classes:
+            (root / split / name).mkdir(parents=True)
+            for i in range(2):
+                Image.new("RGB", (8, 8)).save(root / split / name / f"{i}.png")
+    if odd:
+        Image.new("RGB", odd[1]).save(root / odd[0])
+    return root
+
+
+def imagefolder_mixed_sizes(tmp):
+    return image_tree(tmp, odd=("test/dog/big.png", (12, 10)))
+
+
+def imagefolder_one_class(tmp):
+    return image_tree(tmp, classes=("cat",))
+
+
+def imagefolder_classes_differ(tmp):
+    root = image_tree(tmp)
+    (root / "test" / "emu").rename(root / "test" / "fox")
+    return root
+
+
+def imagefolder_empty_class(tmp):
+    root = image_tree(tmp)
+    for f in (root / "train" / "dog").iterdir():
+        f.unlink()
+    return root
+
+
+def npz_file(**changes):
+    """A tiny .npz of 3 classes (NHWC uint8) with ``changes`` applied (None removes a key)."""
+    def data(tmp):
+        rng = np.random.default_rng(0)
+        arrays = {"x_train": rng.integers(0, 256, (300, 8, 8, 3), dtype=np.uint8), "y_train": np.arange(300) % 3,
+                  "x_test": rng.integers(0, 256, (60, 8, 8, 3), dtype=np.uint8), "y_test": np.arange(60) % 3}
+        arrays.update(changes)
+        np.savez(tmp / "data.npz", **{k: v for k, v in arrays.items() if v is not None})
+        return tmp / "data.npz"
+    return data
+
+
+def no_npz(tmp):
+    return tmp / "absent.npz"
+
+
+def user_builder(body: str, *overrides):
+    """The smoke config with model.arch naming a builder in a module file written for the case (a fresh name each
+    time: Python caches imported modules)."""
+    def setup(tmp, prev, mp):
+        import uuid
+
+        name = f"user_model_{uuid.uuid4().hex[:8]}"
+        (tmp / f"{name}.py").write_text("import torch.nn as nn\n\n\n" + body)
+        mp.syspath_prepend(str(tmp))
+        return fresh_out_with(f"model.arch={name}:build", "model.noise_coef=0", "model.ensemble=1",
+                              *overrides)(tmp, prev, mp)
+    return setup
+
+
 def grid(*args):
     return lambda t, p, m: ["sweep", "--config", SMOKE, *args, "--out", str(p)]
 
@@ -368,6 +435,38 @@ CASES = {
     "sigterm": (sigterm_at_start_up, "interrupted (SIGTERM); finished stages are kept", 2),
     "home-missing-data": (home_missing_data, "no-such-home does not exist, so there is no default CIFAR-10 folder", 2),
     "home-missing-arm-root": (home_missing_arm_root, "does not exist, so there is no default arm64 root", 2),
+    "data-cifar100-missing-offline": (fresh_out_with("data.dataset=cifar100", data=empty_data), "CIFAR-100 not found", 2),
+    "data-svhn-missing-offline": (fresh_out_with("data.dataset=svhn", data=empty_data), "SVHN not found", 2),
+    "imagefolder-mixed-sizes": (fresh_out_with("data.dataset=imagefolder", data=imagefolder_mixed_sizes),
+                                "without data.image_size every image must have one size", 2),
+    "imagefolder-one-class": (fresh_out_with("data.dataset=imagefolder", data=imagefolder_one_class),
+                              "a classifier needs at least 2", 2),
+    "imagefolder-classes-differ": (fresh_out_with("data.dataset=imagefolder", data=imagefolder_classes_differ),
+                                   "(only in train: emu; only in test: fox)", 2),
+    "imagefolder-empty-class": (fresh_out_with("data.dataset=imagefolder", data=imagefolder_empty_class),
+                                "train/dog holds no images", 2),
+    "npz-missing": (fresh_out_with("data.dataset=npz", data=no_npz), "absent.npz: no such .npz file", 2),
+    "npz-missing-key": (fresh_out_with("data.dataset=npz", data=npz_file(y_test=None)), "no array 'y_test'", 2),
+    "npz-not-uint8": (fresh_out_with("data.dataset=npz", data=npz_file(x_train=np.zeros((300, 8, 8, 3), np.float32))),
+                      "x_train is float32, expected uint8", 2),
+    "npz-negative-labels": (fresh_out_with("data.dataset=npz", data=npz_file(y_train=np.arange(300) % 3 - 1)),
+                            "y_train holds negative labels (min -1)", 2),
+    "npz-shapes-differ": (fresh_out_with("data.dataset=npz", data=npz_file(x_test=np.zeros((60, 6, 6, 3), np.uint8))),
+                          "x_train images are 3x8x8 (CxHxW) but x_test images are 3x6x6", 2),
+    "val-size-above-dataset": (fresh_out_with("data.dataset=npz", "data.val_size=300", data=npz_file()),
+                               "data.val_size = 300 leaves no training images (have 300)", 2),
+    "builder-not-importable": (sets("model.arch=no_such_module:build", "model.noise_coef=0", "model.ensemble=1"),
+                               "model.arch: expected \"package.module:function\" naming an importable builder "
+                               "(cannot import no_such_module: ModuleNotFoundError", 2),
+    "builder-returns-no-module": (user_builder("def build(num_classes):\n    return 42\n"),
+                                  "returned a int, not a torch.nn.Module", 2),
+    "builder-wrong-output-shape": (user_builder("def build(num_classes):\n    return nn.Sequential(nn.AdaptiveAvgPool2d(1), "
+                                                "nn.Flatten(), nn.Linear(3, 5))\n"),
+                                   "to [2, 5]; expected [2, 10] (logits of the 10 classes)", 2),
+    "noise-without-noise-sites": (sets("model.arch=mobilenet_v2_cifar", "model.ensemble=1"),
+                                  "model.noise_coef: expected 0 for mobilenet_v2_cifar", 2),
+    "external-ensemble": (sets("model.arch=os.path:join", "model.noise_coef=0"),
+                          "model.ensemble: expected 1 with the user's builder os.path:join", 2),
     "grid-unknown-key": (grid("--grid", "nosuch.key=1,2"), "--grid point nosuch.key=1: unknown key 'nosuch'", 2),
     "bench-device-empty": (lambda t, p, m: ["run", "--config", SMOKE, "--bench-device", "", "--out", str(p)],
                            "--bench-device: bench.devices[1]: target: unknown device target ''", 2),

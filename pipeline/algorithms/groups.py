@@ -12,6 +12,12 @@ the set of weight slices that belong to channel ``j``. Two groupings:
   the classifier's input column). A residual-stream channel of a stage is therefore one group spanning
   the stage's stem/conv2/shortcut outputs, its BNs and all its readers. A zero group is a removable channel.
 
+Depthwise convs (MobileNetV2) carry their input channel to the same output channel: their filter ``W[j]`` (and
+bias) joins the family of the channel they read, whose producer is the preceding 1x1 expansion (or the stem), and
+the family's readers are the convs after the depthwise one. Grouped convs that are not depthwise, concatenations and
+splits end a family, and so does a flatten of HxW maps into a linear layer (one channel, H·W columns): a dimension
+that reaches one is not a family (never pruned).
+
 The network's interface is never a family: the stem's RGB input has no producer conv, and a dimension
 that reaches a linear layer's *outputs* (the logits) is skipped.
 """
@@ -96,22 +102,37 @@ class MemberBlockSlice:
         return self.tensor.numel() // (self.members * self.tensor.shape[1])
 
 
-def input_channel_family(name: str, weight: torch.Tensor) -> ChannelFamily:
-    """The paper's groups of one conv weight: its input-channel slices ``W[:, i]``."""
-    index = torch.arange(weight.shape[1], device=weight.device)
-    return ChannelFamily(name, weight.shape[1], (Slice(f"{name}.weight", weight, 1, index),))
+def is_depthwise(m: nn.Module) -> bool:
+    """A depthwise conv: one filter per channel (groups == in_channels == out_channels > 1). Its input channel i is
+    read by filter i alone, so its channels are its producer's (torch-pruning couples them the same way)."""
+    return isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
+
+
+def input_channel_family(name: str, weight: torch.Tensor, depthwise: bool = False) -> ChannelFamily:
+    """The paper's groups of one conv weight: its input-channel slices ``W[:, i]`` -- for a depthwise conv (weight
+    ``[C, 1, k, k]``) the filters ``W[i]``, which are what reads input channel i."""
+    dim = 0 if depthwise else 1
+    index = torch.arange(weight.shape[dim], device=weight.device)
+    return ChannelFamily(name, weight.shape[dim], (Slice(f"{name}.weight", weight, dim, index),))
+
+
+def paper_group_count(m: nn.Conv2d) -> int:
+    """How many paper groups (input channels) a conv has: C_in, also for a depthwise conv (C filters)."""
+    return m.weight.shape[0] if is_depthwise(m) else m.weight.shape[1]
 
 
 def paper_families(model: nn.Module) -> list[ChannelFamily]:
-    """The paper's groups: the input-channel slices of every Conv2d, stem and 1x1 shortcuts included -- per
-    member, also when ``model`` is the grouped ensemble (one family per grouped conv, n·C_in groups)."""
+    """The paper's groups: the input-channel slices of every Conv2d, stem and 1x1 shortcuts included (a depthwise
+    conv's: its filters) -- per member, also when ``model`` is the grouped ensemble (one family per grouped conv,
+    n·C_in groups)."""
     from models.grouped import GroupedEnsemble
 
     if isinstance(model, GroupedEnsemble):
         convs = [(name, m.weight) for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
         return [ChannelFamily(name, model.n * w.shape[1], (MemberBlockSlice(f"{name}.weight", w, model.n),))
                 for name, w in convs]
-    return [input_channel_family(n, m.weight) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    return [input_channel_family(n, m.weight, is_depthwise(m)) for n, m in model.named_modules()
+            if isinstance(m, nn.Conv2d)]
 
 
 def coupled_families(model: nn.Module, example_input: torch.Tensor) -> list[ChannelFamily]:
@@ -155,10 +176,17 @@ def _family(group, dg, names: dict[nn.Module, str]) -> ChannelFamily | None:
     for item in group:
         dep, idxs, roots = item.dep, item.idxs, item.root_idxs
         module, op = dep.target.module, dep.target.type
+        if len(set(roots)) != len(roots) and op not in (tp.ops.OPTYPE.ELEMENTWISE, tp.ops.OPTYPE.RESHAPE):
+            return None       # a channel spread over several positions (a flatten of HxW maps before a linear)
         reads = dg.is_in_channel_pruning_fn(dep.handler)
-        if op == tp.ops.OPTYPE.CONV:
+        if op == tp.ops.OPTYPE.DEPTHWISE_CONV:
+            if not is_depthwise(module):
+                return None   # groups == out_channels but a channel multiplier: not one filter per channel
+            add(module, "weight", 0, idxs, roots)   # filter j reads channel j and writes channel j
+            add(module, "bias", 0, idxs, roots)
+        elif op == tp.ops.OPTYPE.CONV:
             if module.groups != 1:
-                return None   # depthwise/grouped convs tie channels together in ways this model family lacks
+                return None   # a grouped conv mixes channels within groups: removing one breaks the grouping
             if reads:
                 add(module, "weight", 1, idxs, roots)
             else:
@@ -221,7 +249,7 @@ def group_costs(model: nn.Module, families: list[ChannelFamily], example_input: 
     channels). BN entries cost nothing here: onnxruntime folds BN into the neighbouring conv.
     """
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
-    in_channels = sum(m.weight.shape[1] for m in convs)
+    in_channels = sum(paper_group_count(m) for m in convs)
     if cost == "weights":
         reference = sum(m.weight.numel() for m in convs) / in_channels
         return [f.group_size / reference for f in families]

@@ -148,7 +148,8 @@ class RGSM:
     """RGSM over ``groups``: a list of ``ChannelFamily`` or, for the paper's grouping, bare conv weights."""
 
     def __init__(self, groups, *, beta: float, lambda1: float, lambda2: float, align: int = 1, min_keep: int = 0,
-                 scales: list[float] | None = None, prox: str = "hard", budget: Budget | None = None):
+                 scales: list[float] | None = None, prox: str = "hard", budget: Budget | None = None,
+                 budget_every: int = 1):
         if not beta > 0:
             raise ValueError(f"beta must be > 0, got {beta}")
         if prox not in ("hard", "soft"):
@@ -174,6 +175,14 @@ class RGSM:
             raise ValueError(f"the budget has widths for {len(budget.problem.options)} families, the sparsifier "
                              f"{len(self.families)}")
         self.projections = 0
+        # The budget's widths are re-solved every ``budget_every`` pulls (1: every step, exact) and at every
+        # projection; in between, each family keeps its k largest groups of the current weights. A big network's
+        # solve (MobileNetV2: ~0.5 s) would otherwise dominate the step.
+        if budget_every < 1:
+            raise ValueError(f"budget_every must be >= 1, got {budget_every}")
+        self.budget_every = int(budget_every)
+        self._budget_widths: list[int] | None = None
+        self._pulls_since_solve = 0
 
     @property
     def weights(self) -> list[torch.Tensor]:
@@ -213,7 +222,9 @@ class RGSM:
             return [f.sq_norms().sqrt() > t for f, t in zip(self.families, self.family_thresholds())]
         if self.budget is not None:
             sq = [f.sq_norms() for f in self.families]
-            return [top_k_mask(s, k) for s, k in zip(sq, self.budget.widths(sq, self.beta))]
+            if self._budget_widths is None or self._pulls_since_solve >= self.budget_every:
+                self._budget_widths, self._pulls_since_solve = self.budget.widths(sq, self.beta), 0
+            return [top_k_mask(s, k) for s, k in zip(sq, self._budget_widths)]
         return [aligned_group_l0_keep(f.sq_norms(), self.lambda1 * c, self.beta, self.align, self.min_keep)
                 for f, c in zip(self.families, self.scales)]
 
@@ -259,10 +270,12 @@ class RGSM:
         """w <- w - lr·beta·(w - u): relax w toward its group-sparse copy. Call after ``optimizer.step()``."""
         for t, mask in self._u_masks():
             t.sub_(t * (1 - mask), alpha=lr * self.beta)
+        self._pulls_since_solve += 1
 
     @torch.no_grad()
     def project(self) -> None:
         """w <- u. Call at every epoch end."""
+        self._budget_widths = None   # the projection lands on a freshly solved layout
         for t, mask in self._u_masks():
             t.mul_(mask)
         self.projections += 1

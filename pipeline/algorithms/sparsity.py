@@ -9,8 +9,13 @@ PAPER_ZERO_TOL = 1e-15  # the paper counts a group as zero when its l2 norm is b
 
 
 def conv_input_groups(model: nn.Module):
-    """(name, weight) of every Conv2d; the groups of a weight [C_out, C_in, k, k] are its C_in slices W[:, i]."""
-    return [(n, m.weight) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    """(name, weight) of every Conv2d; the groups of a weight [C_out, C_in, k, k] are its C_in slices W[:, i]. A
+    depthwise conv's weight [C, 1, k, k] is given as [1, C, k, k]: its groups are its C filters, one per channel
+    (as surgery counts them)."""
+    from .groups import is_depthwise
+
+    return [(n, m.weight.transpose(0, 1) if is_depthwise(m) else m.weight) for n, m in model.named_modules()
+            if isinstance(m, nn.Conv2d)]
 
 
 def group_norms(weight: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,11 @@ torch-pruning's DependencyGraph supplies the coupling, which matters for the res
 channel of a stage is written by every conv2/shortcut of the stage and read by every block after it, so it
 goes only when all of those readers ignore it.
 
+A depthwise conv (MobileNetV2) neither decides nor blocks: its filter c reads channel c and writes channel c, so it
+goes with the channel like a BN entry; the channel of an inverted residual's expansion is dead when the 1x1
+projection after the depthwise conv ignores it. In the paper's unit a depthwise conv's groups are its filters
+(``input_groups``).
+
 Exactness holds with the residual noise *off*. With noise on, ``ResidualNoise`` scales by ``std()`` over the
 whole residual tensor, dead channels included, so removing residual-stream channels changes the noise
 magnitude (not the noiseless function).
@@ -21,7 +26,8 @@ import torch.nn as nn
 import torch_pruning as tp
 
 from models import noise_disabled
-from pipeline.algorithms.sparsity import channel_sparsity, group_norms
+from pipeline.algorithms.groups import is_depthwise
+from pipeline.algorithms.sparsity import group_norms
 
 PARITY_TOL = 1e-5
 
@@ -35,7 +41,8 @@ class SurgeryResult:
     model: nn.Module          # physically pruned deep copy; the input model is untouched
     removed_channels: int     # zero conv input-channel groups that disappeared (paper's group unit)
     zero_channels: int        # groups with l2 norm < tol in the input model, all convs of all members
-    total_channels: int       # sum of C_in over all convs of the input model (675 per ResNet20 member)
+    total_channels: int       # sum of C_in over all convs of the input model (675 per ResNet20 member; a
+                              # depthwise conv's groups are its C filters)
     removed_fraction: float   # removed_channels / zero_channels; 0.0 when there are no zero groups
     kept_for_shape: int       # zero groups kept only so that no layer ends up with 0 channels
     max_abs_diff: float       # max |logits(pruned) - logits(input)|, noise off, eval mode, float64
@@ -50,20 +57,30 @@ def _dead_mask(group, dg: tp.DependencyGraph, n: int, tol: float) -> tuple[torch
         dep, idxs, roots = item.dep, item.idxs, item.root_idxs
         module, op = dep.target.module, dep.target.type
         reads = dg.is_in_channel_pruning_fn(dep.handler)
-        if op == tp.ops.OPTYPE.CONV and reads and module.groups == 1:
+        if op == tp.ops.OPTYPE.CONV and module.groups == 1:
+            if not reads:
+                continue  # a producer: its out-channel simply goes with the channel
             conv_readers += 1
             alive = group_norms(module.weight)[idxs] >= tol
         elif op == tp.ops.OPTYPE.LINEAR and reads:
             alive = (module.weight.detach()[:, idxs].abs() >= tol).any(dim=0)
-        elif op == tp.ops.OPTYPE.CONV and not reads:
-            continue  # a producer: its out-channel simply goes with the channel
+        elif op == tp.ops.OPTYPE.DEPTHWISE_CONV and is_depthwise(module):
+            continue  # filter c reads channel c and writes channel c: it goes with the channel, as a BN does
         elif op in _PASS_THROUGH:
             continue
         else:
-            # Anything else (linear outputs = class logits, concat, model output, ...) is never cut.
+            # Anything else (linear outputs = class logits, grouped convs, concat, norms other than BN, model
+            # output, ...) is never cut.
             alive = torch.ones(len(idxs), dtype=torch.bool)
         dead[torch.as_tensor(roots, dtype=torch.long)[alive]] = False
     return dead, conv_readers
+
+
+def input_groups(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Conv name -> l2 norm of each of its paper groups (input channels ``W[:, i]``; a depthwise conv's filters
+    ``W[i]``, the only weights that read input channel i)."""
+    return {n: (m.weight.detach().flatten(1).norm(dim=1) if is_depthwise(m) else group_norms(m.weight))
+            for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
 
 
 def _branch_owners(model: nn.Module) -> dict[nn.Module, nn.Module]:
@@ -86,7 +103,9 @@ def remove_dead_channels(model: nn.Module, example_input: torch.Tensor, tol: flo
 
     Raises RuntimeError if the empirical parity check on ``example_input`` exceeds ``PARITY_TOL``.
     """
-    zero, total = channel_sparsity(model, tol)
+    norms_before = input_groups(model)
+    zero = sum(int((v < tol).sum()) for v in norms_before.values())
+    total = sum(v.numel() for v in norms_before.values())
     c_in_before = {n: m.in_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
     x = example_input.detach()
 
@@ -98,6 +117,8 @@ def remove_dead_channels(model: nn.Module, example_input: torch.Tensor, tol: flo
         dg = tp.DependencyGraph().build_dependency(work, example_inputs=x, verbose=False)
         plan, branches = [], []
         owner = _branch_owners(work)
+        names = {m: n for n, m in work.named_modules()}
+        work_norms = input_groups(work)
         # Conv out-channel groups cover every conv input except the stem's RGB, which is never pruned.
         for group in dg.get_all_groups(root_module_types=(nn.Conv2d,)):
             root = group[0].dep.target.module
@@ -107,13 +128,20 @@ def remove_dead_channels(model: nn.Module, example_input: torch.Tensor, tol: flo
                 if root in owner:   # a residual branch that adds nothing: the block becomes its shortcut
                     branches.append(owner[root])
                     continue
+                kept = idxs[0]
                 idxs = idxs[1:]  # keep one channel: layers with 0 channels are not valid modules
-                kept_for_shape += conv_readers
+                kept_for_shape += conv_readers + sum(  # and a depthwise filter of it that is zero
+                    int(work_norms[names[item.dep.target.module]][item.idxs[item.root_idxs.index(kept)]] < tol)
+                    for item in group if _is_depthwise_item(item))
             if idxs:
                 plan.append((root, idxs))
         # Groups are disjoint, so pruning one does not shift the indices of another.
+        removed_depthwise = 0   # zero depthwise filters that go with their channel (the paper's unit)
         for root, idxs in plan:
-            dg.get_pruning_group(root, tp.prune_conv_out_channels, idxs).prune()
+            group = dg.get_pruning_group(root, tp.prune_conv_out_channels, idxs)
+            removed_depthwise += sum(int((work_norms[names[item.dep.target.module]][list(item.idxs)] < tol).sum())
+                                     for item in group if _is_depthwise_item(item))
+            group.prune()
     for block in branches:
         block.remove_branch()
 
@@ -131,10 +159,12 @@ def remove_dead_channels(model: nn.Module, example_input: torch.Tensor, tol: flo
         raise RuntimeError(f"channel surgery changed the logits by {max_abs_diff:.3g} > {PARITY_TOL}")
 
     after = {n: m.in_channels for n, m in work.named_modules() if isinstance(m, nn.Conv2d)}
-    zero_before = {n: int((group_norms(m.weight) < tol).sum()) for n, m in model.named_modules()
-                   if isinstance(m, nn.Conv2d)}
-    # a conv that went with its branch counts its zero input groups (its other inputs fed only the dead branch)
-    removed = sum(c_in - after[n] if n in after else zero_before[n] for n, c_in in c_in_before.items())
+    zero_before = {n: int((v < tol).sum()) for n, v in norms_before.items()}
+    depthwise = {n for n, m in model.named_modules() if is_depthwise(m)}
+    # a conv that went with its branch counts its zero input groups (its other inputs fed only the dead branch);
+    # a depthwise conv's removed input channels are counted where its filter was zero (removed_depthwise)
+    removed = removed_depthwise + sum(c_in - after[n] if n in after else zero_before[n]
+                                      for n, c_in in c_in_before.items() if n not in depthwise)
     return SurgeryResult(
         model=work,
         removed_channels=removed,
@@ -145,6 +175,10 @@ def remove_dead_channels(model: nn.Module, example_input: torch.Tensor, tol: flo
         max_abs_diff=max_abs_diff,
         removed_branches=sorted(n for n, m in work.named_modules() if m in set(branches)),
     )
+
+
+def _is_depthwise_item(item) -> bool:
+    return item.dep.target.type == tp.ops.OPTYPE.DEPTHWISE_CONV and is_depthwise(item.dep.target.module)
 
 
 def _check_shapes(model: nn.Module) -> None:
@@ -163,10 +197,17 @@ def _check_shapes(model: nn.Module) -> None:
             raise RuntimeError(f"{name}: shape attributes disagree with weights after surgery")
 
 
+MAC_LAYERS = (nn.Conv2d, nn.BatchNorm2d, nn.Linear)
+
+
 def count_params_macs(model: nn.Module, input_shape=(1, 3, 32, 32)) -> tuple[int, int]:
-    """(parameters, MACs) as torch-pruning counts them, noise off (its std/randn are not model compute)."""
+    """(parameters, MACs) as torch-pruning counts them, noise off (its std/randn are not model compute). MACs are
+    those of the convs, BNs and linear layers (``MAC_LAYERS``, what the budget's cost model prices): torch-pruning
+    also counts activations and pooling written as modules (torchvision's ``nn.ReLU``), not functional ones, which
+    would make the count depend on how a network is written."""
     p = next(model.parameters())
     x = torch.zeros(input_shape, dtype=p.dtype, device=p.device)
     with noise_disabled(model), torch.no_grad():
-        macs, params = tp.utils.count_ops_and_params(model, x)
+        _, params, layer_macs, _ = tp.utils.count_ops_and_params(model, x, layer_wise=True)
+    macs = sum(layer_macs.get(m) or 0 for m in model.modules() if isinstance(m, MAC_LAYERS))
     return int(params), int(macs)

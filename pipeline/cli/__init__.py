@@ -145,7 +145,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
+    import os
+
     args = _parser().parse_args(argv)
+    # model.arch = "module:function" may name a module in the current folder, as `python -m` would find it;
+    # appended, so that it never shadows an installed package (or this project's own `models`)
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
     from ..config import load_config, show_lines
     from ..core.errors import UserError
 
@@ -194,11 +200,13 @@ def _main(argv: list[str] | None) -> int:
         world = distributed.init(device_of(cfg))
         if world is not None and not world.is_main:
             follow_pipeline(cfg, stages)
+            distributed.shutdown()
             return 0
         manifest = run_pipeline(cfg, out, stages, log=lambda m: print(m, flush=True), reuse_stale=args.reuse_stale,
                                 donors=tuple(Path(d) for d in args.share_from))
         if world is not None:
             distributed.broadcast(None)   # the other ranks' follow_pipeline returns
+            distributed.shutdown()
         if args.until:
             print(f"stopped after stage {args.until} in {time.perf_counter() - t0:.1f}s: {out}", flush=True)
             return 0

@@ -15,7 +15,8 @@ from ..core.checks import Invalid, fractions, non_negative, one_of, positive, re
 LEVELS = ("disable", "basic", "extended", "all")   # onnxruntime graph optimisation levels
 BUDGETS = ("none", "macs", "params", "latency")
 SEED_LIMIT = 2**31          # seeds in [0, 2**31): every derived stream (seed + offset, numpy's rng) takes them
-CIFAR10_TRAIN = 50_000      # images of the training set that val_size splits
+# datasets whose training-set size is known before loading (the rest are checked when the train stage loads them)
+FIXED_TRAIN_SIZE = {"cifar10": 50_000, "cifar100": 50_000, "svhn": 73_257}
 
 
 def _seed(section, name: str) -> None:
@@ -66,9 +67,19 @@ def table_sections(registry):
                  metadata={"inline_table": registry})
 
 
+DATASETS = ("cifar10", "cifar100", "svhn", "imagefolder", "npz")
+
+
 @dataclass(frozen=True)
 class DataConfig:
-    root: str = ""              # folder holding cifar-10-batches-py; "" = $PIPELINE_DATA_ROOT, else ~/.cache
+    # "cifar10" | "cifar100" | "svhn" (torchvision's files, downloaded when allowed) | "imagefolder" (root/train/<class>/*
+    # and root/test/<class>/*, the user's own images) | "npz" (root = a .npz file with uint8 x_train, y_train, x_test,
+    # y_test). Image size and class count come from the data.
+    dataset: str = "cifar10"
+    # where the dataset lives: cifar10 a folder holding cifar-10-batches-py, cifar100 cifar-100-python, svhn
+    # train_32x32.mat + test_32x32.mat; "" = $PIPELINE_DATA_ROOT, else ~/.cache/pipeline/data
+    root: str = ""
+    image_size: int = 0         # imagefolder: resize every image to this square size once (0 = keep; sizes must agree)
     download: bool = True       # torchvision download when the files are absent
     val_size: int = 5000        # held out of the 50k training images (paper: 45k/5k)
     train_subset: int = 0       # 0 = all remaining training images
@@ -76,9 +87,16 @@ class DataConfig:
     split_seed: int = 0
 
     def check(self) -> None:
-        non_negative(self, "train_subset", "test_subset")
-        require(0 < self.val_size < CIFAR10_TRAIN, "val_size",
-                "between 1 and 49,999 (the train stage selects its checkpoint on this split)")
+        one_of(self, "dataset", DATASETS)
+        non_negative(self, "train_subset", "test_subset", "image_size")
+        require(self.image_size == 0 or self.dataset == "imagefolder", "image_size",
+                f'0 unless data.dataset = "imagefolder" (the other datasets keep their size; data.dataset is '
+                f"{self.dataset!r})", ("dataset",))
+        require(self.dataset != "npz" or bool(self.root), "root", 'the path of the .npz file with data.dataset = "npz"',
+                ("dataset",))
+        n = FIXED_TRAIN_SIZE.get(self.dataset)
+        require(0 < self.val_size < (n or float("inf")), "val_size",
+                (f"between 1 and {n - 1:,}" if n else ">= 1") + " (the train stage selects its checkpoint on this split)")
         _seed(self, "split_seed")
         problem = path_problem(self.root)
         require(problem is None, "root", f"a folder path ({problem})")
@@ -99,13 +117,31 @@ class ModelConfig:
     # `pipeline baseline`): module name -> [in, out] of a conv or linear, [n] of a BN, [] = removed (a residual
     # branch). Empty: the registry's dense widths.
     widths: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    # Keyword arguments of the builder: a registry model's own (beyond ensemble, noise_coef, normalize) or, for
+    # arch = "package.module:function", everything the user's function takes (num_classes is passed when it
+    # takes one and it is not given here).
+    kwargs: dict[str, object] = field(default_factory=dict)
 
     def check(self) -> None:
-        from models import list_models
+        from models import list_models, model_entry
 
-        one_of(self, "arch", list_models())
+        if ":" in self.arch:   # the user's builder: importable now, called (output shape) when the data is known
+            problem = external_problem(self.arch)
+            require(problem is None, "arch", f'"package.module:function" naming an importable builder ({problem})')
+            require(self.ensemble == 1, "ensemble", f"1 with the user's builder {self.arch} (ensembles are of registry "
+                    "models)", ("arch",))
+        else:
+            require(self.arch in list_models(), "arch", f"one of {', '.join(list_models())}, or "
+                    '"package.module:function" for a builder of your own')
         positive(self, "ensemble")
         require(self.noise_coef >= 0, "noise_coef", ">= 0 (0 = no noise)")
+        family = "external" if ":" in self.arch else model_entry(self.arch).metadata.get("family")
+        require(self.ensemble_impl == "members" or family == "preact_resnet", "ensemble_impl",
+                f'"members" for {self.arch} (the grouped ensemble is built for the preact_resnet models)', ("arch",))
+        noise_sites = ":" not in self.arch and model_entry(self.arch).metadata.get("noise_sites", False)
+        require(self.noise_coef == 0 or noise_sites, "noise_coef",
+                f"0 for {self.arch}: EnResNet's noise is defined after the residual sums of the preact_resnet "
+                "models only", ("arch",))
         one_of(self, "ensemble_impl", ("members", "grouped"))
         if self.widths:
             require(self.ensemble_impl == "members", "widths", 'no widths with model.ensemble_impl = "grouped" '
@@ -114,13 +150,30 @@ class ModelConfig:
             require(problem is None, "widths", f"per-layer widths that fit {self.arch} ({problem})")
 
 
+def external_problem(arch: str) -> str | None:
+    """What is wrong with ``package.module:function`` short of calling it (None if it names a callable)."""
+    import importlib
+
+    module, _, function = arch.partition(":")
+    if not module or not function.isidentifier():
+        return f"expected package.module:function, got {arch!r}"
+    try:
+        fn = getattr(importlib.import_module(module), function)
+    except AttributeError:
+        return f"module {module} has no {function}"
+    except Exception as e:   # ImportError, or whatever the user's module raises on import
+        return f"cannot import {module}: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+    return None if callable(fn) else f"{arch} is a {type(fn).__name__}, not a function"
+
+
 def widths_problem(model) -> str | None:
     """What is wrong with ``model.widths`` for its architecture (None if it builds and runs an image)."""
     import torch
 
     from models import build_from_description
 
-    kwargs = {"ensemble": model.ensemble, "noise_coef": model.noise_coef, "normalize": model.normalize}
+    kwargs = dict(model.kwargs) if ":" in model.arch else {
+        "ensemble": model.ensemble, "noise_coef": model.noise_coef, "normalize": model.normalize, **model.kwargs}
     desc = {"arch": model.arch, "kwargs": kwargs, "shapes": {k: (list(v) if v else None) for k, v in model.widths.items()}}
     try:
         net = build_from_description(desc).eval()
@@ -228,6 +281,7 @@ class PruneConfig:
     budget: str = "none"
     target: float = 2.0         # dense cost / pruned cost, > 1
     budget_device: str = ""
+    budget_every: int = 1       # re-solve the budget's layout every this many steps (1: exact; big nets: ~20)
     init: str = "finetune"      # "finetune" (start from the train checkpoint) | "scratch" (paper's from-scratch mode)
     epochs: int = 200
     lr: float = 0.1
@@ -260,6 +314,7 @@ class PruneConfig:
                 f'1 unless prune.groups = "coupled" (paper groups are conv input slices, not whole channels; '
                 f"prune.groups is {self.groups!r})", ("groups",))
         one_of(self, "budget", BUDGETS)
+        positive(self, "budget_every")
         if self.budget != "none":
             require(self.groups == "coupled", "budget",
                     f'"none" unless prune.groups = "coupled" (a budget prices whole removable channels; prune.groups '
@@ -518,8 +573,9 @@ class RunConfig:
         one_of(self, "device", ("auto", "cpu", "cuda"))
         non_negative(self, "threads")
         _seed(self, "seed")
-        require(CIFAR10_TRAIN - self.data.val_size >= self.train.batch_size, "data.val_size",
-                f"at most {CIFAR10_TRAIN:,} - train.batch_size = {CIFAR10_TRAIN - self.train.batch_size:,} (the "
+        n_train = FIXED_TRAIN_SIZE.get(self.data.dataset)
+        require(n_train is None or n_train - self.data.val_size >= self.train.batch_size, "data.val_size",
+                f"at most {n_train or 0:,} - train.batch_size = {(n_train or 0) - self.train.batch_size:,} (the "
                 "images left train the model)", ("train.batch_size",))
         if self.prune.method != "none":
             require(self.train.lr_warmup_epochs <= self.prune.epochs, "train.lr_warmup_epochs",
@@ -532,6 +588,11 @@ class RunConfig:
                 'false with device = "cpu" (CUDA graphs need a CUDA device)', ("device",))
         p = self.prune
         if p.budget == "latency":
+            from models import supports_latency_budget
+
+            require(supports_latency_budget(self.model.arch), "prune.budget",
+                    f'"macs" or "params" for {self.model.arch} (the latency table is measured for the preact_resnet '
+                    'blocks)', ("model.arch",))
             names = {device_name(d): d for d in self.bench.devices}
             device = budget_device(self)
             require(device is not None, "prune.budget_device",

@@ -68,7 +68,7 @@ def build_report(manifest: dict, baseline: dict | None = None) -> dict:
     speedup = [{**s, "mac_reduction": mac_reduction, "efficiency": s["speedup"] / mac_reduction}
                for s in bench["speedup"]]
     headline = next((s for s in speedup if s["batch"] == 1 and s["threads"] == 1), speedup[0])
-    sanity = sanity_checks(models, ev, transfer)
+    sanity = sanity_checks(models, ev, transfer, ev.get("num_classes", 10))
     # The pruned model's accuracy is measured on the masked model before surgery; surgery is exact
     # with noise off (max_abs_diff below), so the numbers carry over to the physically pruned graph.
     return {

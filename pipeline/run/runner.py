@@ -40,6 +40,10 @@ def run_dir_lock(run_dir: Path):
 # Settings that change how a stage runs but never what it produces: left out of every key, so changing them
 # (or adding them to the config) reruns nothing.
 RESULT_NEUTRAL = {("train", "checkpoint_every"), ("train", "cuda_graphs")}
+# Keys added after runs existed, with the value that reproduces what those runs did: at that value a key is left
+# out of the stage key, so adding it to the config does not make every finished run recompute.
+ADDED_LATER = {("data", "dataset"): "cifar10", ("data", "image_size"): 0, ("model", "kwargs"): {},
+               ("prune", "budget_every"): 1}
 
 
 def stage_code(stage: Stage) -> str:
@@ -53,6 +57,9 @@ def stage_key(stage: Stage, cfg: RunConfig, manifest: dict, *, code: bool = True
     cfg_dict = to_dict(cfg)
     for section, key in RESULT_NEUTRAL:
         cfg_dict[section].pop(key, None)
+    for (section, key), old in ADDED_LATER.items():
+        if cfg_dict[section].get(key) == old:
+            del cfg_dict[section][key]
     upstream = {name: {k: v["sha256"] for k, v in manifest["stages"][name]["outputs"].items()}
                 for name in stage.inputs}
     parts = {"stage": stage.name, "config": {s: cfg_dict[s] for s in stage.sections}, "inputs": upstream}
@@ -176,7 +183,12 @@ def rerun_reason(stage: Stage, cfg: RunConfig, run_dir: Path, entry: dict, reran
         if sha256_file(path) != out["sha256"]:
             return f"its output {path} changed or is damaged (sha256 differs from the manifest)"
     now_config = json.loads(json.dumps({s: to_dict(cfg)[s] for s in stage.sections}, default=str))   # as recorded
-    before = entry.get("config")
+    before = json.loads(json.dumps(entry.get("config")))
+    if isinstance(before, dict):   # a key added later, at the value that reproduces older runs, changed nothing
+        for (section, key), old in ADDED_LATER.items():
+            for side in (now_config, before):
+                if isinstance(side.get(section), dict) and side[section].get(key, old) == old:
+                    side[section].pop(key, None)
     if isinstance(before, dict) and before != now_config:
         changed = [k for k in _flat(now_config).keys() | _flat(before).keys()
                    if _flat(now_config).get(k, "<unset>") != _flat(before).get(k, "<unset>")]

@@ -21,7 +21,8 @@ from ..catalog.attacks import ATTACKS, attack_specs, names
 from ..core.files import atomic_write_bytes
 from ..run.checkpoints import load_model
 from ..run.stage import Stage, StageContext, StageResult
-from ..train.setup import eval_images
+from ..core.errors import UserError
+from ..train.setup import data_info, eval_images
 
 
 def save_examples(path, images: torch.Tensor, examples: dict[str, torch.Tensor]) -> None:
@@ -34,6 +35,10 @@ def save_examples(path, images: torch.Tensor, examples: dict[str, torch.Tensor])
 def run(ctx: StageContext) -> StageResult:
     cfg, e = ctx.cfg, ctx.cfg.eval
     images, labels, _ = eval_images(cfg)
+    classes = data_info(cfg).num_classes
+    if "apgd_dlr" in e.attacks and classes < 3:
+        raise UserError(f"eval.attacks: apgd_dlr needs at least 3 classes (its loss compares the top three "
+                        f"logits); {cfg.data.dataset} has {classes}: drop it from eval.attacks")
     noisy = cfg.model.noise_coef > 0
     modes = [m for m in NOISE_OF_MODE if m in e.noise_modes] if noisy else ["noise_off"]
     specs = {mode: attack_specs(e, stochastic=mode != "noise_off") for mode in modes}
@@ -76,6 +81,7 @@ def run(ctx: StageContext) -> StageResult:
     seconds = time.perf_counter() - t_all
     attacked = sum(r.get("images", 0) for m in results.values() for r in m.values())
     metrics = {"images": len(images), "modes": modes, "models": results,
+               **({"num_classes": classes} if classes != 10 else {}),
                "attacks": {k: {"key": s.key, "params": s.params} for k, s in specs[modes[0]].items()},
                "mode": e.mode,
                "seconds": round(seconds, 1), "images_per_s": round(attacked / max(seconds, 1e-9), 2)}

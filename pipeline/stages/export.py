@@ -17,10 +17,12 @@ from models import ResidualNoise
 from ..catalog.artifacts import DEPLOYED, NOISE_OF_VARIANT, SOURCES, artifact_name, output_key
 from ..run.checkpoints import load_model
 from ..run.stage import Stage, StageContext, StageResult
-from ..train.data import CLASSES
+from ..train.setup import data_info, image_shape
 
 
 def _metadata(cfg, model_name: str, variant: str, sparsity: dict, noise_coef: float) -> dict[str, str]:
+    info = data_info(cfg)
+    c, h, w = info.shape
     noise = {"deterministic": "none: EnResNet's test-time noise is not part of this graph",
              "stochastic": f"{noise_coef}*std(out)*N(0,I) after every residual sum, std over the whole batch tensor",
              "per_sample": f"{noise_coef}*std(out)*N(0,I) after every residual sum, std over each image"}[variant]
@@ -30,9 +32,10 @@ def _metadata(cfg, model_name: str, variant: str, sparsity: dict, noise_coef: fl
         "noise_coef_trained": str(cfg.model.noise_coef),
         "noise_in_graph": "false" if variant == "deterministic" else "true",
         "noise": noise,
-        "input": "image: float32 [N,3,32,32], RGB, values in [0,1] (normalisation is inside the graph)",
-        "output": "logits: float32 [N,10]",
-        "labels": json.dumps(list(CLASSES)),
+        "input": f"image: float32 [N,{c},{h},{w}], {'RGB' if c == 3 else f'{c} channel(s)'}, values in [0,1] "
+                 "(normalisation is inside the graph)",
+        "output": f"logits: float32 [N,{info.num_classes}]",
+        "labels": json.dumps(list(info.classes)),
         "channel_sparsity_percent": f"{sparsity['channel_sparsity']:.4f}",
         "weight_sparsity_percent": f"{sparsity['weight_sparsity']:.4f}",
         "zero_channels": str(sparsity["zero_channels"]), "total_channels": str(sparsity["total_channels"]),
@@ -44,7 +47,8 @@ def run(ctx: StageContext) -> StageResult:
     from export import export_onnx, onnx_macs
 
     cfg, e = ctx.cfg, ctx.cfg.export
-    parity = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(cfg.seed))
+    shape = image_shape(cfg)
+    parity = torch.rand(8, *shape, generator=torch.Generator().manual_seed(cfg.seed))
     outputs, metrics = {}, {}
     for model_name in DEPLOYED:
         stage = SOURCES[model_name]
@@ -59,7 +63,7 @@ def run(ctx: StageContext) -> StageResult:
             rep = export_onnx(model, path, opset=e.opset, dynamo=e.dynamo, simplify=e.simplify,
                               metadata=_metadata(cfg, model_name, variant, ctx.metrics_of[stage], coef),
                               parity_inputs=parity, parity_tol=e.parity_tol, noise=NOISE_OF_VARIANT[variant],
-                              parity_draws=e.parity_draws)
+                              parity_draws=e.parity_draws, image_shape=shape)
             outputs[output_key(name)] = path
             m = {"model": model_name, "noise_variant": variant, "opset": rep.opset, "simplified": rep.simplified,
                  "nodes_before": rep.nodes_before, "nodes_after": rep.nodes_after,

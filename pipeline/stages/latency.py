@@ -24,11 +24,12 @@ from models import create_model, set_noise
 from ..algorithms.groups import coupled_families
 from ..algorithms.latency import network_units, signatures, unit_cost, unit_module
 from ..catalog.devices import DEVICE_KINDS, device_name, kind_of
+from ..core.errors import UserError
 from ..core.files import write_json
 from ..core.paths import HomeMissing, home_cache
 from ..devices.hardware import resolve_align
 from ..run.stage import Stage, StageContext, StageResult
-from ..train.setup import model_kwargs
+from ..train.setup import image_shape, model_kwargs
 from ..train.sparsify import allowed_widths
 
 LEVEL, BATCH, THREADS = "all", 1, 1
@@ -88,8 +89,12 @@ def latency_table(cfg, log=print) -> dict:
     from ..devices import run_on_device, write_job
 
     dev = budget_device_of(cfg)
+    shape = image_shape(cfg)
+    if shape != (3, 32, 32):
+        raise UserError(f"prune.budget = \"latency\": the latency table's units are measured on 3x32x32 images, "
+                        f"these are {'x'.join(map(str, shape))}; use prune.budget = \"macs\"")
     model = create_model(cfg.model.arch, **model_kwargs(cfg)).eval()
-    example = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(cfg.seed))
+    example = torch.rand(2, *shape, generator=torch.Generator().manual_seed(cfg.seed))
     families = coupled_families(model, example)
     options = allowed_widths(model, families, resolve_align(cfg.prune.align))
     units = network_units(model, families)
@@ -117,7 +122,7 @@ def latency_table(cfg, log=print) -> dict:
             paths, shapes = {}, {}
             for i, sig in enumerate(missing):
                 if sig == full_key:
-                    module, shape = create_model(cfg.model.arch, **model_kwargs(cfg)), (1, 3, 32, 32)
+                    module, shape = create_model(cfg.model.arch, **model_kwargs(cfg)), (1, *image_shape(cfg))
                     set_noise(module, False)
                 else:
                     module, shape = unit_module(sig)

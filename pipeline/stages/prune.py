@@ -16,7 +16,8 @@ from ..run.checkpoints import load_model, save_model
 from ..run.stage import Stage, StageContext, StageResult
 from ..train import distributed, resume, sparsify
 from ..train.recipe import Schedule, fit
-from ..train.setup import build_model, data_splits, device_of, model_kwargs, seed_everything, validation_split
+from ..train.setup import (build_model, data_splits, device_of, image_shape, model_kwargs, seed_everything,
+                           validation_split)
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -60,8 +61,10 @@ def run(ctx: StageContext) -> StageResult:
     if state is not None:   # weights first: a sparsifier may derive its state from them (ADMM's z)
         model.load_state_dict(state["model"])
     table = json.loads(ctx.inputs["latency"]["table"].read_text()) if p.budget == "latency" else None
-    sparsifier = sparsify.make_sparsifier(model, p, seed=cfg.seed, device=device, latency_table=table)
+    sparsifier = sparsify.make_sparsifier(model, p, seed=cfg.seed, device=device, latency_table=table,
+                                          image_shape=image_shape(cfg))
     ctx.log(sparsify.describe(sparsifier, p))
+    _hint_budget_every(sparsifier, p, ctx.log)
     world = distributed.active()
     trained = distributed.prepare(model, world, device, cfg.train.batch_size, ctx.log,
                                   cfg.train.cuda_graphs)   # `model` stays unwrapped
@@ -103,6 +106,23 @@ def run(ctx: StageContext) -> StageResult:
         # what the reference code would have reported: it never projects at the end
         metrics["before_final_projection"] = before_final
     return StageResult(outputs, metrics)
+
+
+def _hint_budget_every(sparsifier, prune, log) -> None:
+    """One solve of the budget, timed: a big network's exact layout solve at every step can cost more than the
+    step itself, which prune.budget_every trades for a layout re-solved every N steps (and at each projection)."""
+    import time
+
+    budget = getattr(sparsifier, "budget", None)
+    if budget is None:
+        return
+    t0 = time.perf_counter()
+    budget.widths([f.sq_norms() for f in sparsifier.families], sparsifier.beta)
+    seconds = time.perf_counter() - t0
+    log(f"budget layout solve: {seconds * 1000:.0f} ms, re-solved every {prune.budget_every} step(s)")
+    if seconds > 0.05 and prune.budget_every == 1:
+        log(f"hint: the budget solve takes {seconds:.2f} s per step; prune.budget_every = 20 re-solves every 20 "
+            "steps (each family keeps its largest groups in between; projections always re-solve)")
 
 
 STAGE = Stage("prune", sections=("seed", "data", "model", "train", "prune"), inputs=("train", "latency"), run=run,

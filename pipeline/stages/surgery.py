@@ -10,19 +10,20 @@ from ..algorithms.sparsity import sparsity_metrics
 from ..algorithms.surgery import count_params_macs, remove_dead_channels
 from ..run.checkpoints import load_model, save_model
 from ..run.stage import Stage, StageContext, StageResult
-from ..train.setup import model_kwargs
+from ..train.setup import image_shape, model_kwargs
 
 
 def run(ctx: StageContext) -> StageResult:
     cfg = ctx.cfg
     masked = load_model(ctx.inputs["prune"]["model_weights"], ctx.inputs["prune"]["model_arch"]).eval()
     # Random images exercise every channel; the parity bound is checked inside remove_dead_channels.
-    example = torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(cfg.seed))
+    shape = image_shape(cfg)
+    example = torch.rand(16, *shape, generator=torch.Generator().manual_seed(cfg.seed))
     result = remove_dead_channels(masked, example, tol=cfg.surgery.tol)
     pruned = result.model
     sparsity = sparsity_metrics(masked, cfg.surgery.tol)
-    params_before, macs_before = count_params_macs(masked)
-    params_after, macs_after = count_params_macs(pruned)
+    params_before, macs_before = count_params_macs(masked, (1, *shape))
+    params_after, macs_after = count_params_macs(pruned, (1, *shape))
     outputs = save_model(pruned, describe(pruned, cfg.model.arch, model_kwargs(cfg)), ctx.out_dir)
     metrics = {"max_abs_diff": result.max_abs_diff, "removed_channels": result.removed_channels,
                "zero_channels": result.zero_channels, "total_channels": result.total_channels,

@@ -5,14 +5,16 @@ import json
 
 import torch
 
-from models import describe
+from models import builder_problem, describe, is_external
 
 from ..algorithms.sparsity import PAPER_ZERO_TOL, sparsity_metrics
+from ..core.errors import UserError
 from ..run.checkpoints import save_model
 from ..run.stage import Stage, StageContext, StageResult
 from ..train import distributed, resume
 from ..train.recipe import Schedule, fit, validation_attack
-from ..train.setup import build_model, data_splits, device_of, model_kwargs, seed_everything, validation_split
+from ..train.setup import (build_model, data_info, data_splits, device_of, model_kwargs, seed_everything,
+                           validation_split)
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -23,7 +25,15 @@ def run(ctx: StageContext) -> StageResult:
         torch.set_num_threads(cfg.threads)
     train, val, _ = data_splits(cfg)
     val_eval = validation_split(cfg, val)
-    ctx.log(f"{len(train)} train / {len(val_eval)} val images on {device}")
+    info = data_info(cfg)
+    # the builder meets the data before any epoch: a user's model that returns no Module, or logits of the wrong
+    # shape for the class count, is one line now instead of a shape error deep in training
+    problem = builder_problem(cfg.model.arch, model_kwargs(cfg), info.num_classes, tuple(info.shape)) \
+        if is_external(cfg.model.arch) else None
+    if problem is not None:
+        raise UserError(f"model.arch = {cfg.model.arch!r}: {problem}")
+    ctx.log(f"{len(train)} train / {len(val_eval)} val images {'x'.join(map(str, info.shape))}, "
+            f"{info.num_classes} classes ({cfg.data.dataset}) on {device}")
     model = build_model(cfg).to(device)
     if cfg.model.ensemble_impl == "grouped":
         from models.grouped import to_grouped

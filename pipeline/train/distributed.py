@@ -85,6 +85,16 @@ def init(device: torch.device | str = "cpu") -> World | None:
     return world
 
 
+def shutdown() -> None:
+    """Leave the process group before the interpreter exits: left to interpreter shutdown, gloo's threads are
+    sometimes torn down while still joinable ("terminate called without an active exception", SIGABRT)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def active() -> World | None:
     import torch.distributed as dist
 

@@ -9,23 +9,36 @@ import random
 import torch
 
 from ..core import seeds
-from .data import Split, load_cifar10, resolve_root, to_float, train_val_split
+from .data import FIXED_INFO, DatasetInfo, Split, load_dataset, resolve_root, to_float, train_val_split
 
 
 @functools.lru_cache(maxsize=2)
-def _cifar(root: str, download: bool):
-    return load_cifar10(root, download)
+def _dataset(dataset: str, root: str, download: bool, image_size: int):
+    return load_dataset(dataset, root, download, image_size)
+
+
+def _loaded(cfg):
+    """(train, test, info) of the config's dataset, loaded once per process."""
+    d = cfg.data
+    # keyed by what the root resolves to now ($PIPELINE_DATA_ROOT, the home folder), not by the setting
+    return _dataset(d.dataset, str(resolve_root(d.root, d.dataset)), d.download, d.image_size)
 
 
 def data_splits(cfg) -> tuple[Split, Split, Split]:
     """(train, val, test) exactly as the config defines them; val is held out of the training set."""
     d = cfg.data
-    # keyed by the folder the root resolves to now ($PIPELINE_DATA_ROOT, the home folder), not by the setting
-    train_full, test = _cifar(str(resolve_root(d.root)), d.download)
+    train_full, test, _ = _loaded(cfg)
     train, val = train_val_split(train_full, d.val_size, d.split_seed)
     train = train.subset(d.train_subset, d.split_seed + seeds.TRAIN_SUBSET)
     test = test.subset(d.test_subset, d.split_seed + seeds.TEST_SUBSET)
     return train, val, test
+
+
+def data_info(cfg) -> DatasetInfo:
+    """Name, class count, (C, H, W) and class names of the config's dataset. CIFAR-10, CIFAR-100 and SVHN are known
+    without reading a file (so stages that only build a model need no data); imagefolder and npz are read (once:
+    the loaded data is cached with the splits)."""
+    return FIXED_INFO.get(cfg.data.dataset) or _loaded(cfg)[2]
 
 
 def validation_split(cfg, val: Split) -> Split:
@@ -75,8 +88,26 @@ def description_of_widths(arch: str, kwargs: dict, widths: dict) -> dict:
     return {"arch": arch, "kwargs": dict(kwargs), "shapes": {k: (list(v) if v else None) for k, v in widths.items()}}
 
 
+def image_shape(cfg) -> tuple[int, int, int]:
+    """(C, H, W) of the config's images, from the data."""
+    return tuple(data_info(cfg).shape)
+
+
 def model_kwargs(cfg) -> dict:
+    """The builder's keyword arguments, as the model description records them. A registry model gets ensemble,
+    noise_coef (and normalize, num_classes, in_channels where they differ from the CIFAR-10 defaults, so that
+    descriptions written before those existed still match) plus model.kwargs; the user's builder gets model.kwargs
+    and num_classes when its signature takes it."""
+    from models import builder_kwargs, is_external
+
+    info = data_info(cfg)
+    if is_external(cfg.model.arch):
+        return builder_kwargs(cfg.model.arch, cfg.model.kwargs, info.num_classes)
     kwargs = {"ensemble": cfg.model.ensemble, "noise_coef": cfg.model.noise_coef}
     if not cfg.model.normalize:   # only when off, so descriptions written before the switch existed still match
         kwargs["normalize"] = False
-    return kwargs
+    if info.num_classes != 10:
+        kwargs["num_classes"] = info.num_classes
+    if info.shape[0] != 3:
+        kwargs["in_channels"] = info.shape[0]
+    return {**kwargs, **cfg.model.kwargs}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ..algorithms.budget import cost_problem, network_layers, vanishing_families
+from ..algorithms.budget import cost_problem, grid_step, network_layers, vanishing_families
 from ..algorithms.groups import coupled_families, group_costs, paper_families
 from ..catalog.sparsifiers import SPARSIFIERS
 from ..core.errors import UserError
@@ -20,10 +20,12 @@ BUDGET_GRID = 8
 def allowed_widths(model, families, align: int) -> list[list[int]]:
     """Per coupled family, the widths a budget may choose: multiples of max(align, BUDGET_GRID) (never below
     it), the dense width, and 0 for a block-internal family (its residual branch goes whole: depth pruning)."""
-    step = max(align, BUDGET_GRID)
     vanish = vanishing_families(model, families)
-    return [sorted({*range(step, f.width + 1, step), f.width} | ({0} if i in vanish else set()))
-            for i, f in enumerate(families)]
+    # at most ~16 widths per family (grid_step coarsens the grid of a wide one): ResNet20's grid is unchanged,
+    # ResNet18's 512-wide stages would otherwise make every solve take seconds
+    steps = [grid_step(f.width, max(align, BUDGET_GRID)) for f in families]
+    return [sorted({*range(s, f.width + 1, s), f.width} | ({0} if i in vanish else set()))
+            for i, (f, s) in enumerate(zip(families, steps))]
 
 
 def make_budget(model, families, example, prune, align: int, latency_table=None):
@@ -50,7 +52,7 @@ def make_budget(model, families, example, prune, align: int, latency_table=None)
     return Budget(problem, limit, dense, prune.budget)
 
 
-def make_sparsifier(model, prune, *, seed: int, device, latency_table=None):
+def make_sparsifier(model, prune, *, seed: int, device, latency_table=None, image_shape=(3, 32, 32)):
     """The sparsifier ``prune.method`` names (``prune``: the [prune] section), bound to ``model``'s weights."""
     entry = SPARSIFIERS[prune.method]
     cls, kwargs = entry.load(), prune.settings.kwargs()
@@ -59,12 +61,13 @@ def make_sparsifier(model, prune, *, seed: int, device, latency_table=None):
     if prune.groups == "paper":
         return cls(paper_families(model), **kwargs)
     align = resolve_align(prune.align)
-    example = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(seed)).to(device)
+    example = torch.rand(2, *image_shape, generator=torch.Generator().manual_seed(seed)).to(device)
     # min_keep = align: a family never drops below one block, so no layer reaches width 0 and surgery never
     # has to keep a zero channel for shape (which would break the alignment).
     families = coupled_families(model, example)
     extra = {} if prune.budget == "none" else {
-        "budget": make_budget(model, families, example, prune, align, latency_table)}
+        "budget": make_budget(model, families, example, prune, align, latency_table),
+        "budget_every": prune.budget_every}
     return cls(families, **kwargs, align=align, min_keep=align,
                scales=group_costs(model, families, example, prune.group_cost), **extra)
 
