@@ -72,9 +72,9 @@ DATASETS = ("cifar10", "cifar100", "svhn", "imagefolder", "npz")
 
 @dataclass(frozen=True)
 class DataConfig:
-    # "cifar10" | "cifar100" | "svhn" (torchvision's files, downloaded when allowed) | "imagefolder" (root/train/<class>/*
-    # and root/test/<class>/*, the user's own images) | "npz" (root = a .npz file with uint8 x_train, y_train, x_test,
-    # y_test). Image size and class count come from the data.
+    # "cifar10" | "cifar100" | "svhn" (torchvision's files, downloaded when allowed) | "imagefolder"
+    # (root/train/<class>/* and root/test/<class>/*, the user's own images) | "npz" (root = a .npz file with uint8
+    # x_train, y_train, x_test, y_test). Image size and class count come from the data.
     dataset: str = "cifar10"
     # where the dataset lives: cifar10 a folder holding cifar-10-batches-py, cifar100 cifar-100-python, svhn
     # train_32x32.mat + test_32x32.mat; "" = $PIPELINE_DATA_ROOT, else ~/.cache/pipeline/data
@@ -96,7 +96,8 @@ class DataConfig:
                 ("dataset",))
         n = FIXED_TRAIN_SIZE.get(self.dataset)
         require(0 < self.val_size < (n or float("inf")), "val_size",
-                (f"between 1 and {n - 1:,}" if n else ">= 1") + " (the train stage selects its checkpoint on this split)")
+                (f"between 1 and {n - 1:,}" if n else ">= 1")
+                + " (the train stage selects its checkpoint on this split)")
         _seed(self, "split_seed")
         problem = path_problem(self.root)
         require(problem is None, "root", f"a folder path ({problem})")

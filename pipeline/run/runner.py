@@ -135,10 +135,11 @@ def check_run_dir(run_dir: Path) -> None:
     if not run_dir.is_dir() or (run_dir / MANIFEST).exists():
         return
     foreign = sorted(p.name for p in run_dir.iterdir()
-                     if p.name not in _OWN_HIDDEN and not (p.name.startswith(".") and p.name.endswith((".tmp", ".resume"))))
+                     if p.name not in _OWN_HIDDEN
+                     and not (p.name.startswith(".") and p.name.endswith((".tmp", ".resume"))))
     if foreign:
-        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-        raise ForeignFolder(f"{run_dir}: not empty and not a pipeline run folder (no {MANIFEST}; holds {shown}); "
+        raise ForeignFolder(f"{run_dir}: not empty and not a pipeline run folder (no {MANIFEST}; holds "
+                            f"{_some(foreign)}); "
                             "the pipeline writes only into a new or empty folder or one of its own runs: choose "
                             "another --out")
 
@@ -190,11 +191,10 @@ def rerun_reason(stage: Stage, cfg: RunConfig, run_dir: Path, entry: dict, reran
                 if isinstance(side.get(section), dict) and side[section].get(key, old) == old:
                     side[section].pop(key, None)
     if isinstance(before, dict) and before != now_config:
-        changed = [k for k in _flat(now_config).keys() | _flat(before).keys()
-                   if _flat(now_config).get(k, "<unset>") != _flat(before).get(k, "<unset>")]
-        changed = sorted(changed, key=lambda k: (k.count("."), k))
-        shown = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
-        return f"its settings changed: {shown}"
+        now_flat, before_flat = _flat(now_config), _flat(before)
+        changed = [k for k in now_flat.keys() | before_flat.keys()
+                   if now_flat.get(k, "<unset>") != before_flat.get(k, "<unset>")]
+        return f"its settings changed: {_some(sorted(changed, key=lambda k: (k.count('.'), k)))}"
     if entry.get("code") != stage_code(stage):
         before_modules = entry.get("code_modules")
         if not isinstance(before_modules, dict):
@@ -202,9 +202,13 @@ def rerun_reason(stage: Stage, cfg: RunConfig, run_dir: Path, entry: dict, reran
         now_modules = code_digests(*stage.code_modules)
         changed = sorted(m for m in now_modules.keys() | before_modules.keys()
                          if now_modules.get(m) != before_modules.get(m))
-        shown = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
-        return f"its code changed: {shown} (--reuse-stale keeps the old result)"
+        return f"its code changed: {_some(changed)} (--reuse-stale keeps the old result)"
     return "its inputs changed"
+
+
+def _some(names: list[str], n: int = 3) -> str:
+    """The first ``n`` names, and how many more."""
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
 def _flat(d, prefix: str = "") -> dict:
