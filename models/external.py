@@ -51,6 +51,11 @@ def _load(arch: str) -> tuple[Callable | None, str | None]:
     return fn, None
 
 
+def external_problem(arch: str) -> str | None:
+    """What is wrong with ``arch`` short of calling it (None when it names a callable): for the config check."""
+    return _load(arch)[1]
+
+
 def load_builder(arch: str) -> Callable[..., nn.Module]:
     """The function ``arch`` names; ValueError saying what is wrong otherwise."""
     fn, problem = _load(arch)

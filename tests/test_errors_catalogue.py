@@ -457,7 +457,7 @@ CASES = {
                                "data.val_size = 300 leaves no training images (have 300)", 2),
     "builder-not-importable": (sets("model.arch=no_such_module:build", "model.noise_coef=0", "model.ensemble=1"),
                                "model.arch: expected \"package.module:function\" naming an importable builder "
-                               "(cannot import no_such_module: ModuleNotFoundError", 2),
+                               "(cannot import module no_such_module (ModuleNotFoundError", 2),
     "builder-returns-no-module": (user_builder("def build(num_classes):\n    return 42\n"),
                                   "returned a int, not a torch.nn.Module", 2),
     "builder-wrong-output-shape": (user_builder("def build(num_classes):\n    return nn.Sequential(nn.AdaptiveAvgPool2d(1), "

@@ -125,6 +125,7 @@ class ModelConfig:
 
     def check(self) -> None:
         from models import list_models, model_entry
+        from models.external import external_problem
 
         if ":" in self.arch:   # the user's builder: importable now, called (output shape) when the data is known
             problem = external_problem(self.arch)
@@ -149,22 +150,6 @@ class ModelConfig:
                     "(the grouped ensemble needs equal members)", ("ensemble_impl",))
             problem = widths_problem(self)
             require(problem is None, "widths", f"per-layer widths that fit {self.arch} ({problem})")
-
-
-def external_problem(arch: str) -> str | None:
-    """What is wrong with ``package.module:function`` short of calling it (None if it names a callable)."""
-    import importlib
-
-    module, _, function = arch.partition(":")
-    if not module or not function.isidentifier():
-        return f"expected package.module:function, got {arch!r}"
-    try:
-        fn = getattr(importlib.import_module(module), function)
-    except AttributeError:
-        return f"module {module} has no {function}"
-    except Exception as e:   # ImportError, or whatever the user's module raises on import
-        return f"cannot import {module}: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
-    return None if callable(fn) else f"{arch} is a {type(fn).__name__}, not a function"
 
 
 def widths_problem(model) -> str | None:
