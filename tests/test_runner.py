@@ -397,3 +397,26 @@ def test_reuse_stale_accepts_entries_from_before_code_fingerprints(code_toy):
     (run_dir / MANIFEST).write_text(json.dumps(on_disk))
     assert run(reuse_stale=True)[1] == set()
     assert run()[1] == {"a", "b", "c"}           # without the flag, unknown code means rerun
+
+
+def test_keys_added_later_at_their_old_value_leave_stage_keys_as_before(toy, monkeypatch):
+    """A run recorded before data.dataset, data.image_size, model.kwargs and prune.budget_every existed keeps its
+    stage keys: at those values the keys are left out; any other value changes the key."""
+    from pipeline.run import runner
+
+    stage = Stage("b", ("data", "model", "prune"), (), toy._b)
+    cfg = load_config(None)
+    now = runner.stage_key(stage, cfg, {"stages": {}})
+    real = runner.to_dict
+
+    def before_the_keys_existed(obj):
+        d = real(obj)
+        for section, key in runner.ADDED_LATER:
+            d[section].pop(key, None)
+        return d
+
+    monkeypatch.setattr(runner, "to_dict", before_the_keys_existed)
+    assert runner.stage_key(stage, cfg, {"stages": {}}) == now
+    monkeypatch.undo()
+    other = load_config(None, ["prune.budget_every=5"])
+    assert runner.stage_key(stage, other, {"stages": {}}) != now
