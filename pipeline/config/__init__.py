@@ -3,10 +3,10 @@ loaded from TOML with ``--set section.key=value`` overrides (``load.py``). Unkno
 is one line naming the source, the key, what was expected and what was found."""
 from .load import ConfigError, flatten, load_config, parse_override, show_lines, to_dict, toml_value
 from .sections import (AttackConfig, BenchConfig, DataConfig, DeviceConfig, EvalConfig, ExportConfig, FinetuneConfig,
-                       ModelConfig,
+                       MobileConfig, ModelConfig,
                        PaperConfig, PruneConfig, QuantizeConfig, RunConfig, Sections, SurgeryConfig, TrainConfig)
 
 __all__ = ["ConfigError", "flatten", "load_config", "parse_override", "show_lines", "to_dict", "toml_value",
            "AttackConfig", "BenchConfig", "DataConfig", "DeviceConfig", "EvalConfig", "ExportConfig", "FinetuneConfig",
-           "ModelConfig",
+           "MobileConfig", "ModelConfig",
            "PaperConfig", "PruneConfig", "QuantizeConfig", "RunConfig", "Sections", "SurgeryConfig", "TrainConfig"]

@@ -39,12 +39,15 @@ def write_job(job_dir: Path, models: dict[str, Path], inputs: np.ndarray | None,
               levels: list[str] | dict[str, list[str]], warmup: int, runs: int, seed: int, predict_batch: int = 50,
               shapes: dict[str, tuple[int, ...]] | None = None, interleave: bool = True,
               seconds: float = 0.0) -> Path:
-    """A self-contained job folder: artifacts (hard links when possible), inputs.npy, job.json, the script.
+    """A self-contained job folder: artifacts (hard links when possible; ``<name>.onnx``, or ``<name>.ort`` for a
+    .ort source), inputs.npy, job.json, the script.
     ``inputs`` None: timing only (then every model's input ``shapes`` without the batch are needed)."""
     job_dir.mkdir(parents=True, exist_ok=True)
     names = {}
     for name, src in models.items():
-        dst = job_dir / f"{name}.onnx"
+        # the source's suffix: onnxruntime reads a .ort file as its mobile format by the name ("pruned_int8.ort")
+        suffix = Path(src).suffix if Path(src).suffix in (".onnx", ".ort") else ".onnx"
+        dst = job_dir / (name if name.endswith(suffix) else f"{name}{suffix}")
         if dst.exists():
             dst.unlink()
         try:
