@@ -381,3 +381,12 @@ def test_method_combinations_validated():
         load_config(None, ["prune.groups=coupled", "prune.align=8", "prune.rgsm.prox=soft"])
     cfg = load_config(None, ["prune.method=admm", "prune.admm.sparsity=channel", "model.normalize=false"])
     assert (cfg.prune.method, cfg.prune.methods["admm"].sparsity, cfg.model.normalize) == ("admm", "channel", False)
+
+
+def test_recorded_configs_from_before_quantize_calibration_still_load():
+    """Runs recorded before quantize.calibration existed named onnxruntime's calibration in quantize.method: their
+    recorded config (pipeline eval --run) loads with it moved; a config file with it gets the one-line MOVED error."""
+    from pipeline.config import load_config
+
+    cfg = load_config(None, data={"quantize": {"method": "entropy", "calibration_images": 64}})
+    assert (cfg.quantize.method, cfg.quantize.calibration, cfg.quantize.calibration_images) == ("ptq", "entropy", 64)

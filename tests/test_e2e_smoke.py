@@ -15,7 +15,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-STAGES = ("train", "prune", "surgery", "eval", "export", "quantize", "transfer", "bench")
+STAGES = ("train", "prune", "surgery", "eval", "export", "quantize", "mobile", "transfer", "qeval", "bench")
 # Every run also benches on a device that cannot be reached (nothing listens on port 1): its one-line error is
 # recorded and the host's results are kept.
 DEVICES = ('bench.devices=[{target="host"}, {target="ssh://nobody@127.0.0.1:1", name="board-down", '
@@ -26,6 +26,8 @@ ONLY_DETERMINISTIC = ("--set", 'eval.noise_modes=["stochastic", "noise_off"]', "
 LIGHT_EVAL = ("--set", 'eval.attacks=["fgsm", "pgd"]', "--set", "eval.pgd_restarts=1",
               "--set", "eval.sweep_eps_255=[0, 8]")
 ARTIFACTS = ["dense", "dense_per_sample", "dense_stochastic", "pruned", "pruned_per_sample", "pruned_stochastic"]
+# the mobile stage's: every deterministic and int8 graph as .ort, benched as the artifact "<name>.ort"
+ORT = ["dense.ort", "dense_int8.ort", "pruned.ort", "pruned_int8.ort"]
 
 
 @dataclass
@@ -41,6 +43,8 @@ class Smoke:
     report_md: str
     manifest: dict
     onnx_files: list
+    ort_files: list
+    required_operators: str
     second: Run
     third: Run
     third_manifest: dict
@@ -86,6 +90,8 @@ def smoke(cifar_root, tmp_path_factory) -> Smoke:
     report_md = (out / "report.md").read_text()
     manifest = json.loads((out / "manifest.json").read_text())
     onnx_files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.onnx"))
+    ort_files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.ort"))
+    required_operators = (out / "mobile" / "required_operators.config").read_text()
     second = _cli(out)
     # the later runs test the runner, pruning and re-evaluation; the deployable variants were checked above
     third = _cli(out, "--set", "prune.rgsm.lambda1=1.0", *ONLY_DETERMINISTIC, *LIGHT_EVAL)
@@ -94,8 +100,8 @@ def smoke(cifar_root, tmp_path_factory) -> Smoke:
     re_eval_manifest = json.loads((out / "manifest.json").read_text())
     coupled = _cli(out, "--set", "prune.groups=coupled", "--set", "prune.align=4", *ONLY_DETERMINISTIC, *LIGHT_EVAL)
     coupled_report = json.loads((out / "report.json").read_text()) if coupled.proc.returncode == 0 else {}
-    return Smoke(out, first, report, report_md, manifest, onnx_files, second, third, third_manifest, coupled,
-                 coupled_report, re_eval, re_eval_manifest)
+    return Smoke(out, first, report, report_md, manifest, onnx_files, ort_files, required_operators, second, third,
+                 third_manifest, coupled, coupled_report, re_eval, re_eval_manifest)
 
 
 def test_first_run_succeeds(smoke):
@@ -123,7 +129,8 @@ def test_unreachable_device_is_one_line_and_keeps_the_host(smoke):
 
 def test_every_artifact_has_latency_accuracy_and_agreement(smoke):
     r = smoke.report
-    arts = set(ARTIFACTS) | {"dense_int8", "pruned_int8"}
+    onnx_arts = set(ARTIFACTS) | {"dense_int8", "pruned_int8"}
+    arts = onnx_arts | set(ORT)
     rows = r["latency"]
     for row in rows:
         for field in ("device", "emulated", "runtime", "provider", "threads", "batch", "p50_ms", "p90_ms",
@@ -134,15 +141,21 @@ def test_every_artifact_has_latency_accuracy_and_agreement(smoke):
     host = r["devices"]["host"]["artifacts"]
     assert set(host) == arts
     for name, a in host.items():
-        stage = "quantize" if "int8" in name else "export"
-        assert a["bytes"] == smoke.manifest["stages"][stage]["metrics"][name]["bytes"] > 0
+        stage = "mobile" if name.endswith(".ort") else "quantize" if "int8" in name else "export"
+        metrics = smoke.manifest["stages"][stage]["metrics"]
+        m = metrics["artifacts"][name.removesuffix(".ort")] if stage == "mobile" else metrics[name]
+        assert a["bytes"] == m["bytes"] > 0
+        assert a["format"] == ("ort" if stage == "mobile" else "onnx")
         if a["variant"] in ("deterministic", "int8"):
             assert a["agreement_with_host"] == 100.0, name   # the same build on the same machine
         else:
             assert "agreement_with_host" not in a
     variants = {v["artifact"]: v for v in r["variants"]}
-    assert set(variants) == arts
-    assert variants["dense_int8"]["whitebox_worst_case"] is None and variants["dense_int8"]["twin_mode"] is None
+    assert set(variants) == onnx_arts
+    # int8 has no eval-mode twin: its white-box worst case is the qeval stage's, through the graph's own torch twin
+    assert variants["dense_int8"]["twin_mode"] is None
+    qeval = smoke.manifest["stages"]["qeval"]["metrics"]["models"]["dense_int8"]
+    assert variants["dense_int8"]["whitebox_worst_case"] == qeval["worst_case"] is not None
     assert variants["pruned_per_sample"]["twin_mode"] == "per_sample"
     # every noisy variant's share of latency, per setting; int8 change per setting
     assert {(x["model"], x["variant"]) for x in r["noise_overhead"]} == {
@@ -154,6 +167,40 @@ def test_every_artifact_has_latency_accuracy_and_agreement(smoke):
                   "## int8 vs float"):
         assert title in smoke.report_md, title
     assert "Emulated runs" not in smoke.report_md     # no emulated device in this run
+
+
+def test_mobile_ort_files_config_verdicts_and_report_rows(smoke):
+    assert smoke.ort_files == [f"mobile/{name}" for name in ORT]
+    mobile = smoke.manifest["stages"]["mobile"]
+    assert set(mobile["outputs"]) == {f"{n.removesuffix('.ort')}_ort" for n in ORT} | {"required_operators"}
+    assert mobile["outputs"]["required_operators"]["path"] == "mobile/required_operators.config"
+    # one combined config: every .ort file named, the float and the QDQ int8 ops listed
+    config = smoke.required_operators
+    assert all(f"# - {name}\n" in config for name in ORT)
+    listed = {op for line in config.splitlines() if not line.startswith("#") for op in line.split(";")[2].split(",")}
+    assert {"Conv", "Gemm", "QuantizeLinear", "DequantizeLinear", "QLinearConv"} <= listed
+    r = smoke.report
+    rows = {a["artifact"]: a for a in r["mobile"]["artifacts"]}
+    assert list(rows) == ORT
+    for name, a in rows.items():
+        assert a["top1_agreement"] == 100.0 and a["images"] == 256, name   # the .ort computes its .onnx's logits
+        assert a["max_abs_logit_diff"] < 1e-3 and a["nnapi"] in ("supported", "partial", "unsupported")
+        assert a["agreement_with_host"] == {"host": 100.0}
+        assert a["host_p50_ms_b1_t1"] > 0 and a["onnx_host_p50_ms_b1_t1"] > 0
+        assert a["path"] == f"mobile/{name}" and a["bytes"] > 0 and a["onnx_artifact"] == name.removesuffix(".ort")
+    ort_rows = [x for x in r["latency"] if x["artifact"].endswith(".ort")]
+    assert {x["artifact"] for x in ort_rows} == set(ORT)
+    assert all(x["format"] == "ort" and x["graph_optimization"] == "all" for x in ort_rows)
+    assert {(x["model"], x["variant"]) for x in ort_rows} == {(m, v) for m in ("dense", "pruned")
+                                                              for v in ("deterministic", "int8")}
+    # the headline and the per-level tables compare the .onnx graphs only
+    assert all(not x["artifact"].endswith(".ort") for m in r["models"] for x in m["latency"])
+    assert all(x["format"] == "onnx" for m in r["models"] for x in m["latency"])
+    md = smoke.report_md
+    section = md.split("## Mobile (.ort)")[1].split("\n## ")[0]
+    for name in ORT:
+        assert f"| {name} | " in section and f"- {name}: NNAPI " in section
+    assert "mobile/required_operators.config" in section
 
 
 def test_per_sample_mode_is_evaluated_on_deployed_models_only(smoke):

@@ -412,11 +412,15 @@ def test_keys_added_later_at_their_old_value_leave_stage_keys_as_before(toy, mon
     def before_the_keys_existed(obj):
         d = real(obj)
         for section, key in runner.ADDED_LATER:
-            d[section].pop(key, None)
+            *parents, leaf = key.split(".")
+            table = d[section]
+            for parent in parents:
+                table = table[parent]
+            table.pop(leaf, None)
         return d
 
     monkeypatch.setattr(runner, "to_dict", before_the_keys_existed)
     assert runner.stage_key(stage, cfg, {"stages": {}}) == now
     monkeypatch.undo()
-    other = load_config(None, ["prune.budget_every=5"])
-    assert runner.stage_key(stage, other, {"stages": {}}) != now
+    for changed in ("prune.budget_every=5", "prune.admm.bits=4"):
+        assert runner.stage_key(stage, load_config(None, [changed]), {"stages": {}}) != now

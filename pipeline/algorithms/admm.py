@@ -18,10 +18,18 @@ Fixed against the reference code (``rvsm-rgsm-admm`` HEAD ``main.py`` / ``main_a
    which is why Table 4's ADMM has 10.92 % sparsity (elem) and 4.44 % channel sparsity: zeros below 1e-15
    are rare in a w that is only pulled toward z. The prune stage records the sparsity before the final
    projection too, so that number stays visible.
+
+With ``bits`` (1, 2, 4, 8), S becomes "sparse and on the per-layer quantization grid" of ``quantizers.py``:
+Proj(w) = quantize(sparse_projection(w), bits). Every grid maps 0 to 0, so the zeros survive and the final
+projection leaves weights both on the grid and at least as sparse as the target. This composition is not the
+exact Euclidean projection onto the intersection (the grid's scale is fitted after pruning), only a point
+of it near w.
 """
 from __future__ import annotations
 
 import torch
+
+from .quantizers import BITS, quantize
 
 SPARSITIES = ("elem", "channel")
 
@@ -48,15 +56,17 @@ def channel_projection(w: torch.Tensor, percentile: float) -> torch.Tensor:
 
 
 class ADMM:
-    def __init__(self, weights, *, rho: float, percentile: float, sparsity: str = "elem"):
+    def __init__(self, weights, *, rho: float, percentile: float, sparsity: str = "elem", bits: int | None = None):
         if not rho > 0:
             raise ValueError(f"rho must be > 0, got {rho}")
         if not 0 <= percentile < 100:
             raise ValueError(f"percentile must be in [0, 100), got {percentile}")
         if sparsity not in SPARSITIES:
             raise ValueError(f"sparsity must be one of {', '.join(SPARSITIES)}, got {sparsity!r}")
+        if bits is not None and bits not in BITS:
+            raise ValueError(f"bits must be None or one of {BITS}, got {bits!r}")
         self.weights = list(weights)
-        self.rho, self.percentile, self.sparsity = float(rho), float(percentile), sparsity
+        self.rho, self.percentile, self.sparsity, self.bits = float(rho), float(percentile), sparsity, bits
         self.projections = 0
         self.z: list[torch.Tensor] = []
         self.u: list[torch.Tensor] = []
@@ -64,12 +74,15 @@ class ADMM:
 
     def describe(self) -> str:
         return (f"ADMM ({self.sparsity}, {len(self.weights)} conv kernels) rho {self.rho}: keep each layer's top "
-                f"{100 - self.percentile:g} % ({self.percentile:g}th percentile), final projection at the end")
+                f"{100 - self.percentile:g} % ({self.percentile:g}th percentile)"
+                + ("" if self.bits is None else f" on its {self.bits}-bit grid") + ", final projection at the end")
 
     def proj(self, w: torch.Tensor) -> torch.Tensor:
         if self.sparsity == "elem":
-            return elem_projection(w, self.percentile)
-        return channel_projection(w, self.percentile)
+            w = elem_projection(w, self.percentile)
+        else:
+            w = channel_projection(w, self.percentile)
+        return w if self.bits is None else quantize(w, self.bits)
 
     @torch.no_grad()
     def start_epoch(self) -> None:
@@ -104,11 +117,14 @@ class ADMM:
             self.start_epoch()
 
     def state_dict(self) -> dict:
+        # no "bits" key without bits: the state of a plain ADMM stays what it always was
         return {"rho": self.rho, "percentile": self.percentile, "sparsity": self.sparsity,
-                "projections": self.projections, "z": [z.cpu() for z in self.z], "u": [u.cpu() for u in self.u]}
+                "projections": self.projections, "z": [z.cpu() for z in self.z], "u": [u.cpu() for u in self.u],
+                **({} if self.bits is None else {"bits": self.bits})}
 
     def load_state_dict(self, state: dict) -> None:
         self.rho, self.percentile, self.sparsity = state["rho"], state["percentile"], state["sparsity"]
+        self.bits = state.get("bits")
         self.projections = state["projections"]
         self.z = [z.to(w.device) for z, w in zip(state["z"], self.weights)]
         self.u = [u.to(w.device) for u, w in zip(state["u"], self.weights)]

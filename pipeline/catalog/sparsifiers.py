@@ -67,14 +67,18 @@ class ADMMSettings:
     sparsity: str = "elem"      # of weights ("elem") or of input channels ("channel")
     percentile: float = 80.0
     rho: float = 1e-2
+    # > 0: the projection is onto {sparse} ∩ {the `bits` quantization grid} (ADMM-NN's joint prune + quantize,
+    # pipeline/algorithms/quantizers.py: 1 binary, 2 ternary, 4 4-bit, 8 int8 per channel); 0 = sparsity only
+    bits: int = 0
 
     def check(self) -> None:
         one_of(self, "sparsity", ("elem", "channel"))
         require(0 <= self.percentile < 100, "percentile", "a percentile in [0, 100)")
         positive(self, "rho")
+        require(self.bits in (0, 1, 2, 4, 8), "bits", "0 (no grid), 1, 2, 4 or 8")
 
     def kwargs(self) -> dict:
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(self), "bits": self.bits or None}
 
 
 SPARSIFIERS.register("rgsm", "pipeline.algorithms.rgsm:RGSM", settings=RGSMSettings, groups="families",

@@ -353,7 +353,7 @@ def _eval(args) -> int:
             raise UserError(f"--set {text}: pipeline eval only changes eval.* and paper.* settings "
                             "(anything else would retrain; use 'pipeline run')")
     cfg = load_config(None, args.set, data=manifest["config"], source=f"{run_dir / 'manifest.json'} config")
-    upstream = [s for s in STAGES if s.name not in ("eval", "transfer", "bench")]
+    upstream = [s for s in STAGES if s.name not in ("eval", "transfer", "qeval", "bench")]
     stale = stale_stages(cfg, run_dir, upstream, reuse_stale=args.reuse_stale)
     if stale:
         raise UserError(f"--run {run_dir}: stage(s) {', '.join(stale)} not finished or out of date with this "

@@ -231,13 +231,22 @@ def parse_override(text: str, source: str) -> tuple[list[str], object]:
     return key.strip().split("."), value
 
 
+def _recorded_upgraded(data: dict) -> dict:
+    """A run's recorded config in today's keys: runs recorded before quantize.calibration existed named onnxruntime's
+    calibration in quantize.method (a file with it still gets the MOVED line: the user edits it once)."""
+    q = data.get("quantize")
+    if isinstance(q, dict) and q.get("method") in ("minmax", "entropy", "percentile") and "calibration" not in q:
+        q["calibration"] = q.pop("method")
+    return data
+
+
 def load_config(path: str | Path | None, overrides: list = (), *, data: dict | None = None,
                 source: str | None = None) -> RunConfig:
     """From a TOML file, or (``data``) from a run's recorded config, then the overrides: ``"section.key=value"``
     (from ``--set``) or ``(option, "section.key=value")`` for another option (``--grid``, ``--bench-device``), which
     error messages then blame."""
     source = source or (str(path) if path else "<defaults>")
-    data = copy.deepcopy(data) if data is not None else {}   # overrides merge into nested tables
+    data = _recorded_upgraded(copy.deepcopy(data)) if data is not None else {}   # overrides merge into nested tables
     overridden: dict[str, str] = {}
     if path is not None:
         p = Path(path)

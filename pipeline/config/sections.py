@@ -436,20 +436,92 @@ class ExportConfig:
                 'distinct names from deterministic, stochastic, per_sample, with "deterministic"')
 
 
+QUANT_METHODS = ("ptq", "qat", "binary_relax", "admm")
+QUANT_BITS = {"ptq": (8,), "qat": (8,), "binary_relax": (1, 2, 4), "admm": (1, 2, 4, 8)}
+CALIBRATIONS = ("minmax", "entropy", "percentile")
+
+
 @dataclass(frozen=True)
 class QuantizeConfig:
-    """Stage ``quantize``: onnxruntime static int8 quantisation (QDQ) of the deterministic dense and pruned graphs."""
+    """Stage ``quantize``: onnxruntime's static int8 (QDQ) of the deterministic dense and pruned graphs, always;
+    with ``method`` also a trained quantized model (pipeline/stages/quantize.py):
+
+    - "qat": quantization-aware adversarial training of the int8 graph itself (its torch twin, export/qdq_twin.py:
+      int8 per-channel weights, uint8 activations at the calibrated ranges), written back as ``<model>_qat_int8``;
+    - "binary_relax": Binary-Relax (Li, Wang, Xin 2020; paper README §5) on the torch model, every conv weight on a
+      ``bits`` grid (4: 4-bit, 2: ternary, 1: binary), float activations: ``<model>_br``;
+    - "admm": the weights ADMM left on the grid (prune.method = "admm" with prune.admm.bits): ``<model>_admm_q``."""
     enabled: bool = True
+    method: str = "ptq"
+    bits: int = 8
+    models: tuple[str, ...] = ("dense", "pruned")   # the models method trains (ptq quantizes every deployed one)
+    calibration: str = "minmax"     # onnxruntime CalibrationMethod: "minmax" | "entropy" | "percentile"
     calibration_images: int = 256   # seeded training images (never test) for the activation ranges
     per_channel: bool = True        # per-output-channel weight scales
-    method: str = "minmax"          # "minmax" | "entropy" | "percentile" (onnxruntime CalibrationMethod)
     op_types: tuple[str, ...] = ("Conv", "Gemm", "MatMul", "Add")
+    # training (qat, binary_relax): the train section's attack and optimizer, these epochs and learning rates, and
+    # the loss natural_weight·CE(x) + adversarial_weight·CE(x_adv) (Binary-Relax's trade-off loss: 1 and 8)
+    epochs: int = 2
+    lr: float = 0.001           # fine-tuning a trained model with a loss 9x the plain CE (the trade-off weights)
+    lr_milestones: tuple[float, ...] = (0.5,)
+    natural_weight: float = 1.0
+    adversarial_weight: float = 8.0
+    # Binary-Relax: relaxed weights (eta·Q(w) + w)/(1 + eta) for relax_epochs epochs, eta ×eta_growth per epoch, then Q(w)
+    relax_epochs: int = 1
+    eta0: float = 1.0
+    eta_growth: float = 1.05
+    # grid weights (binary_relax, admm) in the graph: "int4" (opset 21 DequantizeLinear), "int8" codes, or "auto"
+    # (int4 when bits <= 4)
+    weight_format: str = "auto"
 
     def check(self) -> None:
-        positive(self, "calibration_images")
-        one_of(self, "method", ("minmax", "entropy", "percentile"))
+        if self.method in CALIBRATIONS:
+            raise Invalid("method", f"one of {', '.join(QUANT_METHODS)} ({self.method!r} is a calibration method: "
+                          f'it moved to quantize.calibration = "{self.method}")')
+        one_of(self, "method", QUANT_METHODS)
+        require(self.bits in QUANT_BITS[self.method], "bits",
+                f"{' or '.join(map(str, QUANT_BITS[self.method]))} with method = {self.method!r}", ("method",))
+        require(self.enabled or self.method == "ptq", "method",
+                f'"ptq" with quantize.enabled = false (nothing is quantized, so there is no {self.method} model)',
+                ("enabled",))
+        require(bool(self.models) and len(set(self.models)) == len(self.models)
+                and all(m in artifacts.DEPLOYED for m in self.models), "models",
+                f"a non-empty list from {', '.join(artifacts.DEPLOYED)} without repeats")
+        positive(self, "calibration_images", "epochs", "lr", "eta0")
+        one_of(self, "calibration", CALIBRATIONS)
         require(bool(self.op_types) and all(o in ("Conv", "Gemm", "MatMul", "Add") for o in self.op_types),
                 "op_types", "a non-empty list from Conv, Gemm, MatMul, Add")
+        fractions(self, "lr_milestones")
+        non_negative(self, "natural_weight", "relax_epochs")
+        positive(self, "adversarial_weight")
+        require(self.relax_epochs <= self.epochs, "relax_epochs", f"at most quantize.epochs = {self.epochs}",
+                ("epochs",))
+        require(self.eta_growth >= 1, "eta_growth", ">= 1 (eta grows toward the pure quantized weights)")
+        one_of(self, "weight_format", ("auto", "int4", "int8"))
+        require(self.weight_format != "int4" or self.bits <= 4, "weight_format",
+                f'"int8" or "auto" for {self.bits}-bit weights (int4 holds codes -8..7)', ("bits",))
+
+
+MOBILE_LEVELS = ("disable", "basic", "extended", "layout", "all")   # onnxruntime's levels, named as its .ort tool does
+
+
+@dataclass(frozen=True)
+class MobileConfig:
+    """Stage ``mobile``: every deterministic and quantized artifact also in onnxruntime's mobile format (``.ort``),
+    one required_operators.config for them all, and onnxruntime's NNAPI / CoreML verdict per artifact
+    (export/mobile.py; the options of ``python -m onnxruntime.tools.convert_onnx_models_to_ort``)."""
+    enabled: bool = True
+    # "fixed": every optimization of the level baked into the file (the CPU provider); "runtime": basic ones applied,
+    # the others saved and replayed at load time, so that NNAPI / CoreML see the nodes before fusion
+    optimization_style: str = "fixed"
+    optimization_level: str = "all"     # graph optimizations applied before saving (the tool's default: all)
+    # "arm": no NCHWc layout (x86-only kernels), int8 QDQ kept as int8 ops; "amd64": with NCHWc, for x86 only
+    target_platform: str = "arm"
+
+    def check(self) -> None:
+        one_of(self, "optimization_style", ("fixed", "runtime"))
+        one_of(self, "optimization_level", MOBILE_LEVELS)
+        one_of(self, "target_platform", ("arm", "amd64"))
 
 
 @dataclass(frozen=True)
@@ -551,6 +623,7 @@ class RunConfig:
     surgery: SurgeryConfig = field(default_factory=SurgeryConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+    mobile: MobileConfig = field(default_factory=MobileConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     paper: PaperConfig = field(default_factory=PaperConfig)
 
@@ -586,6 +659,13 @@ class RunConfig:
             require(not DEVICE_KINDS[kind_of(device.target)].meta.get("emulated"), "prune.budget_device",
                     f"a device whose timings are latencies: {device_name(device)!r} is emulated (its timings measure "
                     'the emulator); use prune.budget = "macs" there', ("prune.budget", "bench.devices"))
+        q = self.quantize
+        if q.method == "admm":
+            bits = p.methods["admm"].bits
+            require(p.method == "admm" and bits == q.bits, "quantize.method",
+                    f'"admm" only with prune.method = "admm" and prune.admm.bits = quantize.bits = {q.bits} (the '
+                    f"grid is ADMM's projection; prune.method is {p.method!r}, prune.admm.bits {bits})",
+                    ("prune.method", "prune.admm.bits"))
 
 
 def budget_device(cfg) -> DeviceConfig | None:

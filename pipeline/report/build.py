@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import math
 
-from ..catalog.artifacts import stage_of
+from ..catalog.artifacts import REQUIRED_OPERATORS, ort_key, stage_of
+from .quantized import qeval_sanity, quantized_rows
 
 PLOTS = {"widths": "widths.png", "accuracy_latency": "accuracy_latency.png",
          "latency_devices": "latency_devices.png", "pareto": "pareto.png"}
@@ -68,7 +69,7 @@ def build_report(manifest: dict, baseline: dict | None = None) -> dict:
     speedup = [{**s, "mac_reduction": mac_reduction, "efficiency": s["speedup"] / mac_reduction}
                for s in bench["speedup"]]
     headline = next((s for s in speedup if s["batch"] == 1 and s["threads"] == 1), speedup[0])
-    sanity = sanity_checks(models, ev, transfer, ev.get("num_classes", 10))
+    sanity = sanity_checks(models, ev, transfer, ev.get("num_classes", 10)) + qeval_sanity(st)
     # The pruned model's accuracy is measured on the masked model before surgery; surgery is exact
     # with noise off (max_abs_diff below), so the numbers carry over to the physically pruned graph.
     return {
@@ -95,6 +96,8 @@ def build_report(manifest: dict, baseline: dict | None = None) -> dict:
         "variants": variant_rows(st, ev, transfer, bench),
         "noise_overhead": bench.get("noise_overhead", []),
         "int8": bench.get("int8", []),
+        "mobile": mobile_summary(st, bench),
+        "quantized": quantized_rows(st),
         "robustness": {"images": ev["images"], "modes": ev["modes"], "models": ev["models"],
                        "mode": ev.get("mode", "full"),
                        "attacks": ev["attacks"], "seconds": ev["seconds"], "images_per_s": ev["images_per_s"],
@@ -124,6 +127,13 @@ def build_report(manifest: dict, baseline: dict | None = None) -> dict:
                        "Level 'all' includes the NCHWc layout, which pads channel counts to the SIMD block "
                        "(8/16), so unaligned pruned widths keep the padded cost there",
             "efficiency": "latency speed-up / MAC reduction (MACs: torch-pruning count, noise off)",
+            "mobile": "<name>.ort: the deterministic and quantized graphs in onnxruntime's mobile format (mobile "
+                      "stage; optimised ahead of time at mobile.optimization_level), benched as artifacts "
+                      "'<name>.ort' (format 'ort'); agreement = top-1 agreement with its .onnx on the test subset; "
+                      "NNAPI / CoreML: onnxruntime's usability checker by op type (supported: one partition with "
+                      "> 75 % of the nodes; partial: worth measuring; unsupported: the CPU provider does better), "
+                      "'fixed shape' = only once the batch dimension is fixed; required_operators.config lists "
+                      "the ops a reduced onnxruntime build needs for every .ort file of the run",
             "sparsity": "conv weights only, all members, in every denominator (BN, biases and the classifier are "
                         "never counted). channel_sparsity: input-channel groups with l2 norm < 1e-15 (the paper's "
                         "Ch. Sp.); channel_weight_sparsity: weights inside those groups (the reference code's "
@@ -179,6 +189,45 @@ def baseline_summary(ev: dict, headline: dict, baseline: dict, cfg: dict) -> dic
             "thin_epochs": baseline.get("train_epochs"), "run": baseline["run"]}
 
 
+def mobile_summary(st: dict, bench: dict) -> dict | None:
+    """The mobile stage's .ort files: size, NNAPI / CoreML verdicts, agreement with their .onnx (mobile stage) and
+    with the host on every device (bench), host p50 at batch 1, 1 thread, level all beside their .onnx's."""
+    entry = st.get("mobile", {})
+    mobile = entry.get("metrics", {})
+    if not mobile.get("enabled"):
+        return None
+    devices = bench.get("devices", {})
+    host = next((d for d, v in devices.items() if v.get("kind") == "host" and "error" not in v), None)
+
+    def p50(artifact):
+        lat = [r["p50_ms"] for r in bench.get("latency_all", []) if r["device"] == host and r["artifact"] == artifact
+               and r["batch"] == 1 and r["threads"] == 1 and r["graph_optimization"] == "all"]
+        return lat[0] if lat else None
+
+    rows = []
+    for name, m in mobile.get("artifacts", {}).items():
+        label = m["file"]
+        rows.append({
+            "artifact": label, "onnx_artifact": name, "model": m["model"], "variant": m["variant"],
+            "path": entry.get("outputs", {}).get(ort_key(name), {}).get("path"),
+            "bytes": m["bytes"], "onnx_bytes": m["source_bytes"],
+            "nnapi": m["nnapi"], "coreml": m["coreml"], "coreml_format": m["usability"]["coreml_format"],
+            "fixed_shape_needed": m["usability"]["fixed_shape_needed"], "usability": m["usability"]["detail"],
+            "top1_agreement": m["top1_agreement"], "max_abs_logit_diff": m["max_abs_logit_diff"],
+            "images": m["images"],
+            "agreement_with_host": {d: v["artifacts"][label]["agreement_with_host"] for d, v in devices.items()
+                                    if "error" not in v and "agreement_with_host" in v["artifacts"].get(label, {})},
+            "host_p50_ms_b1_t1": p50(label) if host else None,
+            "onnx_host_p50_ms_b1_t1": p50(name) if host else None})
+    ops = mobile.get("required_operators")
+    return {"optimization_level": mobile.get("optimization_level"),
+            "optimization_style": mobile.get("optimization_style"),
+            "target_platform": mobile.get("target_platform"),
+            "required_operators": {**ops, "path": entry.get("outputs", {}).get(REQUIRED_OPERATORS, {}).get("path")}
+            if ops else None,
+            "artifacts": rows, "skipped": mobile.get("skipped", {})}
+
+
 def variant_rows(st: dict, ev: dict, transfer: dict, bench: dict) -> list[dict]:
     """One row per ONNX artifact: file, size, accuracy and robustness (white-box on its torch twin; onnxruntime on
     the twin's examples; int8: by transfer from its float model), and host latency at batch 1 / 1 thread."""
@@ -197,7 +246,9 @@ def variant_rows(st: dict, ev: dict, transfer: dict, bench: dict) -> list[dict]:
                    and r["batch"] == 1 and r["threads"] == 1 and r["graph_optimization"] == "all"]
             row["host_p50_ms_b1_t1"] = lat[0]["p50_ms"] if lat else None
         source = twin or "noise_off"   # int8: examples crafted on its float model, noise off
-        row["whitebox_worst_case"] = ev["models"].get(model, {}).get(twin, {}).get("worst_case") if twin else None
+        qeval = st.get("qeval", {}).get("metrics", {}).get("models", {})   # quantized: attacked through the graph's twin
+        row["whitebox_worst_case"] = (ev["models"].get(model, {}).get(twin, {}).get("worst_case") if twin
+                                      else qeval.get(name, {}).get("worst_case"))
         crafted = t["crafted_on"].get(source, {})
         row["onnx_on_twin_examples"] = crafted
         row["onnx_worst_attack"] = min(crafted.values()) if crafted else None

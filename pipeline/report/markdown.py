@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..catalog.attacks import ATTACKS, names
 from .format import fmt as _fmt
+from .quantized import quantized_lines
 
 
 def _budget_lines(report: dict) -> list[str]:
@@ -173,6 +174,8 @@ def render_markdown(report: dict) -> str:
         lines.append(f"| {d['batch']} | {d['threads']} | {d['graph_optimization']} | {cell(d)} | {cell(p)} |")
 
     lines += _device_sections(report)
+    lines += quantized_lines(report)
+    lines += _mobile_lines(report)
     prof = report.get("profile")
     if prof:
         d, p = prof["dense"], prof["pruned"]
@@ -205,6 +208,32 @@ def render_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _mobile_lines(report: dict) -> list[str]:
+    """The .ort files: size, NNAPI / CoreML verdicts, agreement with their .onnx, host latency beside the .onnx's."""
+    mob = report.get("mobile")
+    if not mob or not mob.get("artifacts"):
+        return []
+    ops = mob.get("required_operators") or {}
+    verdict = lambda a, ep: a[ep] + (" †" if a["fixed_shape_needed"][ep] else "")  # noqa: E731
+    lines = ["", "## Mobile (.ort)", "",
+             f"onnxruntime's mobile format, optimised ahead of time (style {mob['optimization_style']}, level "
+             f"{mob['optimization_level']}, target {mob['target_platform']})"
+             + (f"; `{ops['path']}` lists the {ops['count']} op(s) a reduced onnxruntime build needs for all of them"
+                if ops.get("path") else "")
+             + ". NNAPI / CoreML: onnxruntime's usability checker, by op type; † = only once the batch dimension is "
+               "fixed. Agreement: top-1 of the .ort against its .onnx.", "",
+             "| artifact | size (kB) | .onnx size (kB) | NNAPI | CoreML | agreement with .onnx (%) | max abs Δ logits "
+             "| host p50 batch 1, 1 thread: .ort / .onnx (ms) |", "|---|---:|---:|---|---|---:|---:|---:|"]
+    for a in mob["artifacts"]:
+        lines.append(f"| {a['artifact']} | {a['bytes'] / 1e3:.0f} | {a['onnx_bytes'] / 1e3:.0f} | "
+                     f"{verdict(a, 'nnapi')} | {verdict(a, 'coreml')} ({a['coreml_format']}) | "
+                     f"{_fmt(a['top1_agreement'])} of {a['images']} | {a['max_abs_logit_diff']:.1e} | "
+                     f"{_fmt(a.get('host_p50_ms_b1_t1'), 3)} / {_fmt(a.get('onnx_host_p50_ms_b1_t1'), 3)} |")
+    lines += ["", *(f"- {a['artifact']}: {a['usability']}" for a in mob["artifacts"])]
+    lines += [f"- {name}.onnx: {why}" for name, why in mob.get("skipped", {}).items()]
+    return lines
+
+
 def _device_sections(report: dict) -> list[str]:
     """Variants (size, accuracy, robustness, host latency), latency per device, emulated runs, noise and int8."""
     lines = []
@@ -224,7 +253,7 @@ def _device_sections(report: dict) -> list[str]:
     devices = report.get("devices", {})
     if devices:
         lines += ["", "## Devices", "", "| device | runtime | CPU | emulated | agreement with host (deterministic, "
-                  "int8) | status |", "|---|---|---|---|---|---|"]
+                  "quantized, .ort) | status |", "|---|---|---|---|---|---|"]
         for name, d in devices.items():
             if "error" in d:
                 lines.append(f"| {name} | – | – | – | – | **failed**: {d['error']} |")

@@ -43,7 +43,18 @@ RESULT_NEUTRAL = {("train", "checkpoint_every"), ("train", "cuda_graphs")}
 # Keys added after runs existed, with the value that reproduces what those runs did: at that value a key is left
 # out of the stage key, so adding it to the config does not make every finished run recompute.
 ADDED_LATER = {("data", "dataset"): "cifar10", ("data", "image_size"): 0, ("model", "kwargs"): {},
-               ("prune", "budget_every"): 1}
+               ("prune", "budget_every"): 1, ("prune", "admm.bits"): 0}
+
+
+def _drop_added_later(config: dict) -> None:
+    """Remove, in place, every ADDED_LATER key that is absent or at its old value (dotted keys are nested)."""
+    for (section, key), old in ADDED_LATER.items():
+        *parents, leaf = key.split(".")
+        table = config.get(section)
+        for parent in parents:
+            table = table.get(parent) if isinstance(table, dict) else None
+        if isinstance(table, dict) and table.get(leaf, old) == old:
+            table.pop(leaf, None)
 
 
 def stage_code(stage: Stage) -> str:
@@ -57,9 +68,7 @@ def stage_key(stage: Stage, cfg: RunConfig, manifest: dict, *, code: bool = True
     cfg_dict = to_dict(cfg)
     for section, key in RESULT_NEUTRAL:
         cfg_dict[section].pop(key, None)
-    for (section, key), old in ADDED_LATER.items():
-        if cfg_dict[section].get(key) == old:
-            del cfg_dict[section][key]
+    _drop_added_later(cfg_dict)
     upstream = {name: {k: v["sha256"] for k, v in manifest["stages"][name]["outputs"].items()}
                 for name in stage.inputs}
     parts = {"stage": stage.name, "config": {s: cfg_dict[s] for s in stage.sections}, "inputs": upstream}
@@ -186,10 +195,8 @@ def rerun_reason(stage: Stage, cfg: RunConfig, run_dir: Path, entry: dict, reran
     now_config = json.loads(json.dumps({s: to_dict(cfg)[s] for s in stage.sections}, default=str))   # as recorded
     before = json.loads(json.dumps(entry.get("config")))
     if isinstance(before, dict):   # a key added later, at the value that reproduces older runs, changed nothing
-        for (section, key), old in ADDED_LATER.items():
-            for side in (now_config, before):
-                if isinstance(side.get(section), dict) and side[section].get(key, old) == old:
-                    side[section].pop(key, None)
+        for side in (now_config, before):
+            _drop_added_later(side)
     if isinstance(before, dict) and before != now_config:
         now_flat, before_flat = _flat(now_config), _flat(before)
         changed = [k for k in now_flat.keys() | before_flat.keys()

@@ -10,7 +10,12 @@ no onnxruntime, timeout) is recorded with its one-line error; the other devices'
 
 On the host the deterministic dense and pruned graphs are timed at every level of ``bench.optimizations``: a user
 runs the level that is fastest for *their* model, so the headline speed-up is dense-best / pruned-best per setting,
-never a pruned level against a slower dense one. The other artifacts are timed at level ``all``."""
+never a pruned level against a slower dense one. The other artifacts are timed at level ``all``.
+
+The mobile stage's ``.ort`` files are artifacts too, named ``<name>.ort`` (``dense.ort``, ``pruned_int8.ort``) with
+the model and variant of their .onnx and ``format: "ort"`` (the .onnx rows: ``"onnx"``): timed at level ``all`` on
+every device in the same interleaved process and checked against the host's predictions of the same file. The
+headline speed-up, the noise overhead and the int8 change compare .onnx artifacts only."""
 from __future__ import annotations
 
 import os
@@ -19,7 +24,8 @@ import shutil
 
 import numpy as np
 
-from ..catalog.artifacts import AGREEMENT_VARIANTS, DEPLOYED, SOURCES, artifact_name, artifact_path, artifacts
+from ..catalog.artifacts import (AGREEMENT_VARIANTS, DEPLOYED, SOURCES, artifact_name, artifact_path, artifacts,
+                                 ort_artifacts, ort_key)
 from ..catalog.devices import DEVICE_KINDS, device_name, kind_of
 from ..core import seeds
 from ..core.files import write_json
@@ -81,6 +87,12 @@ def run(ctx: StageContext) -> StageResult:
     images, labels = to_float(test.images), test.labels
     arts = artifacts(ctx.inputs)
     paths = {name: str(artifact_path(ctx.inputs, name)) for name in arts}
+    onnx_arts = dict(arts)
+    fmt = dict.fromkeys(arts, "onnx")
+    # the mobile stage's .ort files, artifacts "<name>.ort" with the model and variant of their .onnx: timed at
+    # level all on every device beside the others, and held to the host's predictions like them
+    for label, (model, variant, name) in ort_artifacts(ctx.inputs).items():
+        arts[label], paths[label], fmt[label] = (model, variant), str(ctx.inputs["mobile"][ort_key(name)]), "ort"
 
     accuracy = {}
     for name, source in DETERMINISTIC.items():
@@ -125,7 +137,7 @@ def run(ctx: StageContext) -> StageResult:
         for name, (model, variant) in arts.items():
             got = result["models"][name]
             pred = np.asarray(got["logits"]).argmax(1)
-            entry = {"model": model, "variant": variant, "bytes": got["bytes"], "images": n,
+            entry = {"model": model, "variant": variant, "format": fmt[name], "bytes": got["bytes"], "images": n,
                      "accuracy": 100.0 * float((pred == y[:n]).mean())}
             if name in reference:
                 entry["agreement_with_host"] = 100.0 * float((pred == reference[name][:n]).mean())
@@ -136,7 +148,7 @@ def run(ctx: StageContext) -> StageResult:
             model, variant = arts[r["model"]]
             rows.append({"device": dname, "emulated": emulated, "runtime": f"onnxruntime {rt['onnxruntime']}",
                          "provider": rt["provider"], "cpu": rt["cpu"], "arch": rt["machine"], "cores": rt["cores"],
-                         "artifact": r["model"], "model": model, "variant": variant,
+                         "artifact": r["model"], "model": model, "variant": variant, "format": fmt[r["model"]],
                          **{k: r[k] for k in ("graph_optimization", "threads", "batch", "p50_ms", "p90_ms",
                                               "p99_ms", "mean_ms", "runs")}})
         agree = {k: v["agreement_with_host"] for k, v in per_art.items() if "agreement_with_host" in v}
@@ -153,7 +165,7 @@ def run(ctx: StageContext) -> StageResult:
         batch, threads = (1, 1) if (1, 1) in {(r["batch"], r["threads"]) for r in rows} else \
             (rows[0]["batch"], rows[0]["threads"])
         profile = {}
-        for name in arts:
+        for name in onnx_arts:   # a .ort file runs its .onnx's kernels, optimised ahead of time
             best = metrics["best_level"].get(name, "all")
             profile[name] = {"graph_optimization": best, "batch": batch, "threads": threads,
                              "ops": profile_op_types(paths[name], optimization=best, threads=threads, batch=batch,
@@ -193,7 +205,8 @@ def host_headline(rows: list[dict], host: str, log) -> dict:
 def _p50(rows, **match) -> dict[tuple, float]:
     out = {}
     for r in rows:
-        if all(r[k] == v for k, v in match.items()) and r["graph_optimization"] == "all":
+        if all(r[k] == v for k, v in match.items()) and r["graph_optimization"] == "all" \
+                and r.get("format", "onnx") == "onnx":   # .ort rows share model and variant with their .onnx
             out[(r["device"], r["model"], r["batch"], r["threads"])] = r["p50_ms"]
     return out
 
@@ -231,5 +244,6 @@ def int8_change(rows: list[dict], devices: dict) -> list[dict]:
     return out
 
 
-STAGE = Stage("bench", sections=("seed", "data", "bench"), inputs=("train", "finetune", "export", "quantize"),
+STAGE = Stage("bench", sections=("seed", "data", "bench"),
+              inputs=("train", "finetune", "export", "quantize", "mobile"),
               run=run, tables=(DEVICE_KINDS,))

@@ -62,7 +62,8 @@ class TrainStep:
     ``model`` may be the DDP wrapper: the attack runs on the unwrapped module (crafting needs no gradient sync)."""
 
     def __init__(self, model, optimizer, *, attack, attack_generator=None, sparsifier=None, precision: str = "fp32",
-                 cuda_graphs: bool = False, warmup: int = WARMUP_STEPS):
+                 cuda_graphs: bool = False, warmup: int = WARMUP_STEPS, natural_weight: float = 0.0,
+                 adversarial_weight: float = 1.0):
         from .distributed import unwrap
 
         if precision not in ("fp32", "bf16"):
@@ -83,6 +84,8 @@ class TrainStep:
             # the batch shapes are fixed: let cuDNN time its algorithms once per shape (process-wide setting)
             torch.backends.cudnn.benchmark = True
         self.cuda_graphs = cuda_graphs
+        # loss = natural_weight·CE(f(x)) + adversarial_weight·CE(f(x_adv)); (1, 8) is Binary-Relax's trade-off loss
+        self.natural_weight, self.adversarial_weight = float(natural_weight), float(adversarial_weight)
         self.graph = None
         self.graph_shape = None
         self.eager_steps = self.replays = 0
@@ -95,10 +98,15 @@ class TrainStep:
 
     def _gradients(self, x, y):
         with self._autocast():
+            clean = x
             if self.attack is not None:
                 x = self.attack(self.attacked, x, y, self.attack_generator)
             logits = self.model(x)
             loss = F.cross_entropy(logits, y)
+            if self.natural_weight or self.adversarial_weight != 1.0:
+                loss = self.adversarial_weight * loss
+                if self.natural_weight:
+                    loss = loss + self.natural_weight * F.cross_entropy(self.model(clean), y)
         loss.backward()
         return loss.detach(), logits.detach()
 
@@ -154,7 +162,7 @@ class TrainStep:
 def train_epoch(model, split: Split, optimizer, *, batch_size: int, attack, generator: torch.Generator,
                 augment: bool, device, sparsifier=None, progress: str | None = None, precision: str = "fp32",
                 channels_last: bool = False, world=None, attack_generator: torch.Generator | None = None,
-                cuda_graphs: bool = False) -> dict:
+                cuda_graphs: bool = False, loss_weights: tuple[float, float] = (0.0, 1.0)) -> dict:
     """One epoch of (adversarial) training, step by step through ``TrainStep``. A ``sparsifier`` (RGSM, RVSM,
     ADMM) gets ``before_batch()``, ``regularize()`` after backward and ``pull(lr)`` after the optimizer step; the
     caller ends its epoch.
@@ -177,7 +185,7 @@ def train_epoch(model, split: Split, optimizer, *, batch_size: int, attack, gene
     if on_gpu:
         split = Split(split.images.to(device), split.labels.to(device))
     step = TrainStep(model, optimizer, attack=attack, sparsifier=sparsifier, precision=precision,
-                     cuda_graphs=cuda_graphs,
+                     cuda_graphs=cuda_graphs, natural_weight=loss_weights[0], adversarial_weight=loss_weights[1],
                      attack_generator=None if on_gpu else (attack_generator or generator))
     lr = optimizer.param_groups[0]["lr"]
     seen = 0

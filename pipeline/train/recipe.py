@@ -3,6 +3,7 @@ attacks, validation -- and ``fit``, the one epoch loop (schedule, sparsifier epo
 resumable checkpoints) that the train and prune stages run."""
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 
@@ -72,13 +73,16 @@ class Fitted:
 
 def fit(ctx, model, trained, *, name: str, schedule: Schedule, seed: int, generator: torch.Generator, train, val,
         device, world, sparsifier=None, state: dict | None = None, select_on: str | None = None,
-        before_projection=None, epoch_stats=None) -> Fitted:
+        before_projection=None, epoch_stats=None, loss_weights: tuple[float, float] = (0.0, 1.0),
+        validation_context=None) -> Fitted:
     """Adversarial training of ``model`` (``trained``: itself, or its DDP wrapper) for ``schedule``.
 
     Every epoch: the optimizer (kept, or fresh with train.reset_optimizer = "epoch"), the learning rate, one epoch
     of ``train_epoch`` (with the sparsifier's steps), the sparsifier's epoch end (``before_projection(last)`` is
     called just before it), the ranks' sync, validation, ``epoch_stats()`` merged into the log line, selection of
-    the best epoch on ``select_on``, and a resumable checkpoint (train.checkpoint_every). ``state``: the stage's
+    the best epoch on ``select_on``, and a resumable checkpoint (train.checkpoint_every). ``loss_weights``: (natural,
+    adversarial) weights of the loss; ``validation_context()``: entered around validation (Binary-Relax validates
+    the quantized weights, what ships). ``state``: the stage's
     last checkpoint, whose weights the caller has loaded (before building the sparsifier, whose state may
     derive from them); ``seed``: the stage's own, for per-rank attack streams under torchrun."""
     cfg, t = ctx.cfg, ctx.cfg.train
@@ -101,14 +105,15 @@ def fit(ctx, model, trained, *, name: str, schedule: Schedule, seed: int, genera
                             augment=t.augment, device=device, sparsifier=sparsifier,
                             progress=f"{name} {epoch + 1}/{schedule.epochs}", precision=t.precision,
                             channels_last=t.channels_last, world=world, attack_generator=attack_generator,
-                            cuda_graphs=t.cuda_graphs)
+                            cuda_graphs=t.cuda_graphs, loss_weights=loss_weights)
         if sparsifier is not None:
             last = epoch == schedule.epochs - 1
             if before_projection is not None:
                 before_projection(last)
             sparsifier.end_epoch(last=last)
         distributed.end_epoch(model, world)   # after the projection: the check covers the sparsifier's steps too
-        stats.update(validate(model, val, cfg, device, generator))
+        with validation_context() if validation_context is not None else contextlib.nullcontext():
+            stats.update(validate(model, val, cfg, device, generator))
         if epoch_stats is not None:
             stats.update(epoch_stats())
         stats["epoch"] = epoch + 1
