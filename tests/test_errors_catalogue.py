@@ -399,6 +399,8 @@ CASES = {
                              "mobile.optimization_level: expected one of disable, basic, extended, layout, all", 2),
     "mobile-unknown-platform": (sets("mobile.target_platform=x86"),
                                 "mobile.target_platform: expected one of arm, amd64, got 'x86'", 2),
+    "mobile-int4-asked": (sets("quantize.method=binary_relax", "quantize.bits=4", "quantize.weight_format=int4"),
+                          "onnxruntime's .ort format has no INT4 tensors", 2),
     "budget-target-not-above-one": (sets("prune.groups=coupled", "prune.budget=macs", "prune.target=1"),
                                     "prune.target: expected a ratio > 1 (dense cost / pruned cost), got 1.0", 2),
     "budget-without-coupled-groups": (sets("prune.budget=macs"),

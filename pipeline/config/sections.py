@@ -660,6 +660,11 @@ class RunConfig:
                     f"a device whose timings are latencies: {device_name(device)!r} is emulated (its timings measure "
                     'the emulator); use prune.budget = "macs" there', ("prune.budget", "bench.devices"))
         q = self.quantize
+        # asked for explicitly, int4 codes and .ort files exclude each other ("auto" ships those graphs without .ort)
+        require(not (self.mobile.enabled and q.weight_format == "int4" and q.method in ("binary_relax", "admm")),
+                "quantize.weight_format", '"auto" or "int8" with mobile.enabled = true (onnxruntime\'s .ort format has '
+                'no INT4 tensors; "auto" writes int4 and skips their .ort, "int8" stores the same codes as int8), or '
+                "set mobile.enabled = false", ("mobile.enabled",))
         if q.method == "admm":
             bits = p.methods["admm"].bits
             require(p.method == "admm" and bits == q.bits, "quantize.method",
