@@ -101,6 +101,7 @@ class QDQTwin(nn.Module):
         self.biases = nn.ParameterDict()
         self.param_of: dict[str, tuple[str, str]] = {}   # DQ output -> ("weight"|"bias", init name)
         self.bias_input_scale: dict[str, str] = {}      # bias init -> the scale initializer of its conv's input
+        self.weight_of_bias: dict[str, str] = {}        # bias init -> its conv's weight init
         producer = {o: (op, ins) for op, ins, outs, _, _ in self.nodes for o in outs}
         for op, ins, outs, attrs, name in self.nodes:
             if op not in ("Conv", "Gemm"):
@@ -111,9 +112,12 @@ class QDQTwin(nn.Module):
                 q = producer[ins[slot]][1][0]
                 if q not in self.const:
                     continue
-                self.param_of[ins[slot]] = (kind, q)
-                if kind == "bias" and ins[0] in producer and producer[ins[0]][0] == "DequantizeLinear":
+                if kind == "bias":   # int32 at input scale x weight scale: both must be known
+                    if ins[1] not in self.param_of or producer.get(ins[0], ("",))[0] != "DequantizeLinear":
+                        continue
                     self.bias_input_scale[q] = producer[ins[0]][1][1]
+                    self.weight_of_bias[q] = self.param_of[ins[1]][1]
+                self.param_of[ins[slot]] = (kind, q)
         if trainable:
             for dq_out, (kind, q) in self.param_of.items():
                 dq = next(ins for op, ins, outs, _, _ in self.nodes if outs[0] == dq_out)
@@ -147,17 +151,11 @@ class QDQTwin(nn.Module):
 
     def quantized_bias(self, q_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         b = self.biases[self._key(q_name)]
-        w_name = self._weight_of_bias(q_name)
+        w_name = self.weight_of_bias[q_name]
         in_scale = self.const[self.bias_input_scale[q_name]]
         scale = (in_scale * weight_scale(self.weights[self._key(w_name)])).float()
         codes = round_ste(b / scale)
         return codes * scale, codes.detach().round().to(torch.int32), scale
-
-    def _weight_of_bias(self, bias_q: str) -> str:
-        for op, ins, outs, _, _ in self.nodes:
-            if op in ("Conv", "Gemm") and len(ins) > 2 and self.param_of.get(ins[2], (None, None))[1] == bias_q:
-                return self.param_of[ins[1]][1]
-        raise KeyError(bias_q)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         env: dict[str, torch.Tensor] = {self.input_name: x}
