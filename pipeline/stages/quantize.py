@@ -36,10 +36,10 @@ VARIANT_OF_METHOD = {"qat": "qat_int8", "binary_relax": "br", "admm": "admm_q"}
 QUANTIZE_SEED = 7   # offset of the quantize stage's training streams from cfg.seed
 
 
-def _accuracy_report(src, dst, images, labels) -> dict:
+def _accuracy_report(f32: np.ndarray, dst, images, labels) -> dict:
+    """The quantized graph ``dst`` against its float graph's logits ``f32`` on the same images."""
     from export import ort_predict, ort_session
 
-    f32 = ort_predict(ort_session(src), images)
     q = ort_predict(ort_session(dst), images)
     return {"images": len(images),
             "float_accuracy": 100.0 * float((f32.argmax(1) == labels).mean()),
@@ -213,6 +213,7 @@ def _admm(ctx, model_name: str, dst) -> dict:
 
 
 def run(ctx: StageContext) -> StageResult:
+    from export import ort_predict, ort_session
     from export.quantize import quantize_int8
 
     cfg, q = ctx.cfg, ctx.cfg.quantize
@@ -230,7 +231,8 @@ def run(ctx: StageContext) -> StageResult:
         src = ctx.inputs["export"][output_key(artifact_name(model, "deterministic"))]
         dst = ctx.out_dir / f"{name}.onnx"
         rep = quantize_int8(src, dst, calib, per_channel=q.per_channel, method=q.calibration, op_types=q.op_types)
-        rep.update(_accuracy_report(src, dst, images, labels), method="ptq", bits=8)
+        f32 = ort_predict(ort_session(src), images)   # the float graph, once for every quantized version of it
+        rep.update(_accuracy_report(f32, dst, images, labels), method="ptq", bits=8)
         rep.update(twin_parity(dst, torch.from_numpy(images[:256])))
         rep["int8_accuracy"] = rep["quantized_accuracy"]
         ctx.log(f"{name}: {rep['source_bytes'] / 1e3:.0f} kB -> {rep['bytes'] / 1e3:.0f} kB, accuracy "
@@ -253,7 +255,7 @@ def run(ctx: StageContext) -> StageResult:
             rep = _binary_relax(sub, model, qdst)
         else:
             rep = _admm(sub, model, qdst)
-        rep.update(_accuracy_report(src, qdst, images, labels), method=q.method, bits=q.bits,
+        rep.update(_accuracy_report(f32, qdst, images, labels), method=q.method, bits=q.bits,
                    bytes=qdst.stat().st_size, source_bytes=src.stat().st_size)
         rep.update(twin_parity(qdst, torch.from_numpy(images[:256])))
         ctx.log(f"{qname}: {rep['bytes'] / 1e3:.0f} kB, accuracy {rep['float_accuracy']:.2f}% (float) -> "
